@@ -1,0 +1,455 @@
+"""Validated configuration for every hypersort command.
+
+One pydantic model per concern; :class:`ExperimentConfig` gathers them for a training run and
+:class:`SweepConfig` wraps one for a Ray Tune sweep. Every model forbids unknown keys, so a typo in a
+YAML file fails with the key path instead of being silently ignored.
+
+The defaults of :class:`ExperimentConfig` *are* the demo configuration (``configs/demo.yaml`` mirrors
+them; a test keeps the two equal), chosen by measurement on the synthetic benchmark. The paper's values
+live in ``configs/paper_amos.yaml``.
+
+Example:
+    >>> cfg = load_config(None, overrides=["training.epochs=3", "model.hypernet.latent_dim=4"])
+    >>> cfg.training.epochs, cfg.model.hypernet.latent_dim
+    (3, 4)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hypersort_ray.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+# The largest ROI edge we accept: a 512³ float32 patch is 512 MiB per channel before the UNet runs.
+MAX_ROI_EDGE = 512
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class DataConfig(_Strict):
+    """Where the cases come from and how preprocessed volumes are cached."""
+
+    datalist: Path | None = Field(
+        None, description="TSV (reference format), MSD-style JSON, or a folder with imagesTr/ labelsTr/."
+    )
+    truth: Path | None = Field(
+        None, description="Optional truth CSV (index/case_id + columns); defaults to truth.csv beside the datalist."
+    )
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="memory: MONAI CacheDataset; disk: PersistentDataset under cache_dir."
+    )
+    cache_dir: Path | None = Field(None, description="Disk cache folder; defaults to <output_dir>/cache.")
+    loader_workers: NonNegInt = Field(0, description="DataLoader worker processes per training worker.")
+    validation_fraction: Probability = Field(
+        0.0, description="Fraction of cases held out from latent fitting (sweep objective: validation Dice)."
+    )
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+class IntensityConfig(_Strict):
+    lower_percentile: Annotated[float, Field(ge=0, le=100)] = 0.5
+    upper_percentile: Annotated[float, Field(ge=0, le=100)] = 99.5
+    clip: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityConfig:
+        if self.lower_percentile >= self.upper_percentile:
+            raise ValueError(
+                f"lower_percentile ({self.lower_percentile}) must be below upper_percentile ({self.upper_percentile})"
+            )
+        return self
+
+
+class LabelConfig(_Strict):
+    """Which label values form which class. Default: every value > 0 is foreground (class 1)."""
+
+    foreground: list[int] | None = Field(
+        None, description="Label values mapped to class 1 (binary task). None: every value > 0."
+    )
+    class_map: dict[int, int] | None = Field(
+        None, description="Multi-class mapping {label value: class}; unmapped values become 0."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LabelConfig:
+        if self.foreground is not None and self.class_map is not None:
+            raise ValueError("give either foreground or class_map, not both")
+        if self.class_map is not None and any(c < 0 for c in self.class_map.values()):
+            raise ValueError(f"class_map classes must be >= 0, got {self.class_map}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        if self.class_map:
+            return max(self.class_map.values()) + 1
+        return 2
+
+
+class AugmentConfig(_Strict):
+    """Light augmentation; it also fights memorisation of wrong labels (see docs/method.md)."""
+
+    enabled: bool = False
+    flip_prob: Probability = 0.0
+    intensity_shift: NonNegFloat = 0.0
+    intensity_scale: NonNegFloat = 0.0
+    noise_std: NonNegFloat = 0.0
+
+
+class PreprocessConfig(_Strict):
+    orientation: str | None = Field("RAS", description="Axis codes for Orientationd; None keeps the file's.")
+    spacing: list[PositiveFloat] | None = Field(
+        [2.0, 2.0, 2.0], description="Target voxel spacing in mm; None keeps the file's."
+    )
+    intensity: IntensityConfig = IntensityConfig()
+    label: LabelConfig = LabelConfig()
+    roi_size: list[PositiveInt] = Field([32, 32, 32], description="Training patch size (voxels).")
+    crop: Literal["center", "random", "foreground"] = "center"
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _dims(self) -> PreprocessConfig:
+        if len(self.roi_size) not in (2, 3):
+            raise ValueError(f"roi_size must have 2 or 3 entries, got {self.roi_size}")
+        if self.spacing is not None and len(self.spacing) != len(self.roi_size):
+            raise ValueError(f"spacing {self.spacing} and roi_size {self.roi_size} differ in length")
+        too_big = [s for s in self.roi_size if s > MAX_ROI_EDGE]
+        if too_big:
+            raise ValueError(f"roi_size {self.roi_size} exceeds the maximum edge {MAX_ROI_EDGE}")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- model
+class UNetConfig(_Strict):
+    """The paper's primary UNet (names follow the reference: in_c, out_c, n_down, n_fix, C, n_dim)."""
+
+    kind: Literal["hypersort_unet", "monai_basic_unet"] = "hypersort_unet"
+    in_channels: PositiveInt = 1
+    out_channels: Annotated[int, Field(ge=2)] = 2
+    n_down: NonNegInt = 2
+    n_fix: PositiveInt = 2
+    channels: PositiveInt = 8
+    spatial_dims: Literal[2, 3] = 3
+
+
+class HyperNetConfig(_Strict):
+    latent_dim: PositiveInt = 2
+    hidden: list[PositiveInt] = Field([50, 50, 50], description="Hidden layer widths of H (ReLU).")
+    bound: PositiveFloat = Field(5.0, description="Output activation tanh(x)*bound.")
+
+
+class ModelConfig(_Strict):
+    unet: UNetConfig = UNetConfig()
+    hypernet: HyperNetConfig = HyperNetConfig()
+
+
+# ----------------------------------------------------------------------------------------- training
+class LatentOptimConfig(_Strict):
+    """Row-sparse Adam for the per-sample latent table (reference: betas 0.7/0.9, lr 1e-3)."""
+
+    lr: PositiveFloat = 1e-2
+    betas: tuple[Probability, Probability] = (0.7, 0.9)
+    eps: PositiveFloat = 1e-8
+    init_std: NonNegFloat = 0.05
+
+
+class ScalingSettings(_Strict):
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegFloat = 0.0
+    threads_per_worker: NonNegInt = Field(0, description="torch threads per worker; 0 = cpus_per_worker.")
+
+
+class TrainingConfig(_Strict):
+    epochs: PositiveInt = 60
+    batch_size: PositiveInt = Field(4, description="Samples per step per worker.")
+    lr: PositiveFloat = Field(1e-3, description="Adam learning rate of the hyper-network H.")
+    weight_decay: NonNegFloat = 0.0
+    l1_weight: NonNegFloat = Field(0.1, description="Weight of ||lambda||_1 in the loss.")
+    l1_calibrate: bool = Field(
+        False,
+        description="Scale l1_weight by the measured segmentation-gradient norm on lambda at step 0 "
+        "(makes one l1_weight serve several network sizes).",
+    )
+    latent: LatentOptimConfig = LatentOptimConfig()
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    grad_clip: NonNegFloat = Field(0.0, description="Clip H's gradient norm; 0 disables.")
+    checkpoint_every: PositiveInt = Field(5, description="Epochs between checkpoints.")
+    keep_checkpoints: PositiveInt = 2
+    max_failures: NonNegInt = 2
+    log_every: PositiveInt = Field(5, description="Epochs between latent-map/latent-table artefacts.")
+    scaling: ScalingSettings = ScalingSettings()
+
+
+# ------------------------------------------------------------------------------- tracking / analysis
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; default MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."
+    )
+    experiment: str = "hypersort"
+    register_as: str | None = Field(None, description="Register the final model under this name.")
+    alias: str | None = "champion"
+
+
+class AnalysisConfig(_Strict):
+    min_cluster_size: PositiveInt | None = Field(None, description="HDBSCAN; None derives it from N.")
+    min_samples: PositiveInt | None = None
+    cluster_selection_method: Literal["eom", "leaf"] = "eom"
+    top_k: PositiveInt = 10
+    run_after_training: bool = True
+
+
+class ExperimentConfig(_Strict):
+    """Everything one training run needs."""
+
+    name: str = "hypersort"
+    output_dir: Path = Path("runs/demo")
+    data: DataConfig = DataConfig()
+    preprocessing: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        dims = len(self.preprocessing.roi_size)
+        if dims != self.model.unet.spatial_dims:
+            raise ValueError(
+                f"preprocessing.roi_size has {dims} dims but model.unet.spatial_dims is {self.model.unet.spatial_dims}"
+            )
+        n_classes = self.preprocessing.label.num_classes
+        if n_classes != self.model.unet.out_channels:
+            raise ValueError(
+                f"the label mapping gives {n_classes} classes but model.unet.out_channels is "
+                f"{self.model.unet.out_channels}"
+            )
+        factor = 2**self.model.unet.n_down
+        bad = [s for s in self.preprocessing.roi_size if s % factor]
+        if bad:
+            raise ValueError(
+                f"preprocessing.roi_size {self.preprocessing.roi_size} must be divisible by 2**n_down = {factor}"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------------------- sweep
+class SearchDim(_Strict):
+    """One dimension of the search space."""
+
+    type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDim:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None or self.low >= self.high:
+                raise ValueError(f"{self.type} needs low < high, got low={self.low} high={self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "model.hypernet.latent_dim": SearchDim(type="choice", values=[2, 4, 8]),
+        "training.l1_weight": SearchDim(type="loguniform", low=1e-3, high=1.0),
+        "training.lr": SearchDim(type="loguniform", low=1e-4, high=3e-3),
+    }
+
+
+class SweepConfig(_Strict):
+    name: str = "hypersort-sweep"
+    base: ExperimentConfig = ExperimentConfig()
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+    num_samples: PositiveInt = 6
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: PositiveInt = 2
+    metric: Literal["val_dice", "seg_loss", "auroc_latent_norm", "spearman_latent_norm"] = "seg_loss"
+    mode: Literal["min", "max"] | None = Field(None, description="Default: min for seg_loss, else max.")
+    workers_per_trial: PositiveInt = 1
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegFloat = 0.0
+    max_concurrent_trials: PositiveInt = 1
+    max_failures_per_trial: NonNegInt = 1
+    register_best_as: str | None = None
+    best_alias: str = "sweep-best"
+
+    @model_validator(mode="after")
+    def _space_keys(self) -> SweepConfig:
+        base = self.base.model_dump()
+        for key in self.space:
+            node: Any = base
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"space key '{key}' is not a key of the experiment config")
+                node = node[part]
+        return self
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric == "seg_loss" else "max")
+
+
+# ----------------------------------------------------------------------------------- serve
+class ServeSettings(_Strict):
+    model: str | None = Field(None, description="Run folder or MLflow model URI.")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    num_replicas: PositiveInt | Literal["auto"] = 1
+    min_replicas: NonNegInt = 1
+    max_replicas: PositiveInt = 2
+    max_ongoing_requests: PositiveInt = 8
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: NonNegFloat = 0.0
+    style_cache_size: NonNegInt = 32
+    max_body_mb: PositiveFloat = 256.0
+    max_voxels: PositiveInt = 512**3
+    request_timeout_s: PositiveFloat = 120.0
+    auth_token_env: str | None = Field(
+        "HYPERSORT_API_TOKEN", description="Env var holding the bearer token; unset/empty disables auth."
+    )
+
+
+# ---------------------------------------------------------------------------------- loading
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: key.path = value: message``."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{source}: {path} = {shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would ('3' -> 3, '[1,2]' -> list, 'null' -> None)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place, returned for chaining)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment config (ours or the reference repository's format) and apply overrides.
+
+    Args:
+        path: YAML file, or None for the embedded defaults (the demo configuration).
+        overrides: ``key.path=value`` strings, applied after the file.
+    """
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        data = read_yaml(Path(path))
+        from hypersort_ray.reference import is_reference_config, translate_reference_config
+
+        if is_reference_config(data):
+            data = translate_reference_config(data, source=Path(path))
+    apply_overrides(data, overrides)
+    return _validate(ExperimentConfig, data, source)
+
+
+def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
+    source = str(path) if path else "<defaults>"
+    data = read_yaml(Path(path)) if path else {}
+    apply_overrides(data, overrides)
+    return _validate(SweepConfig, data, source)
+
+
+def load_serve_settings(path: str | Path | None, overrides: list[str] | None = None) -> ServeSettings:
+    source = str(path) if path else "<defaults>"
+    data = read_yaml(Path(path)) if path else {}
+    apply_overrides(data, overrides)
+    return _validate(ServeSettings, data, source)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (MLflow params, Tune spaces)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
