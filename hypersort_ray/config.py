@@ -194,6 +194,9 @@ class TrainingConfig(_Strict):
     keep_checkpoints: PositiveInt = 2
     max_failures: NonNegInt = 2
     log_every: PositiveInt = Field(5, description="Epochs between latent-map/latent-table artefacts.")
+    resume_from: Path | None = Field(
+        None, description="A checkpoint folder to continue from (any world size; latents are re-sharded)."
+    )
     scaling: ScalingSettings = ScalingSettings()
 
 
