@@ -193,7 +193,10 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         ckpt = load_checkpoint(ctx.resume_from)
         _check_resume_compatible(cfg, ckpt.config, n)
         hyper.load_state_dict(ckpt.hyper_state)
-        latents = LatentTable.merge([ckpt.latents]).shard(owned).to(ctx.device)
+        # The config's latent optimiser settings win over the saved ones (a resume may change lr).
+        latents = LatentTable.merge(
+            [ckpt.latents], lr=tcfg.latent.lr, betas=tuple(tcfg.latent.betas), eps=tcfg.latent.eps
+        ).shard(owned).to(ctx.device)
         start_epoch, global_step = ckpt.epoch, ckpt.global_step
         history = list((ckpt.extra or {}).get("history", []))
         l1_weight = float(ckpt.meta.get("l1_weight_effective", l1_weight))
@@ -314,7 +317,7 @@ def _write_part(cfg, ctx, hyper, step, latents, epoch, global_step, n, case_ids,
             "l1_weight_effective": float(l1_weight),
         }
         if shared
-        else None,
+        else {"epoch": epoch, "global_step": global_step},
         extra={"history": history} if shared else None,
     )
     return part
