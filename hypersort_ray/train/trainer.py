@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -259,11 +260,37 @@ def prepare_run_folder(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[An
     return cfg, cases
 
 
-def run_training(cfg: ExperimentConfig, address: str | None = None, *, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Train with Ray Train and leave a complete run folder. Returns a summary dict."""
+def build_trainer(cfg: ExperimentConfig, cases: list[Any], callbacks: list[Any], *, name: str, storage_path: Path | None = None):
+    """A ``TorchTrainer`` for a prepared run folder (``prepare_run_folder``); Tune trials reuse it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    run_dir = Path(cfg.output_dir)
+    scaling = cfg.training.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1.0
+    return TorchTrainer(
+        _train_fn,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "cases": [{"index": c.index, "case_id": c.case_id, "image": str(c.image), "label": str(c.label)} for c in cases],
+            "fault": parse_fault(os.environ.get(FAULT_ENV), run_dir / ".fault_injected"),
+        },
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path or run_dir / "ray_results"),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_training(cfg: ExperimentConfig, address: str | None = None, *, progress: bool = True, extra_callbacks: list | None = None) -> dict[str, Any]:
+    """Train with Ray Train and leave a complete run folder. Returns a summary dict."""
     from hypersort_ray.data.datalist import dataset_hash
     from hypersort_ray.tracking.mlflow_logger import (
         RunLogger,
@@ -287,27 +314,8 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, *, progress:
     logger.log_params(config_params(cfg))
 
     init_ray(address, scaling.num_workers * scaling.cpus_per_worker)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker or 1.0
-    trainer = TorchTrainer(
-        _train_fn,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "cases": [{"index": c.index, "case_id": c.case_id, "image": str(c.image), "label": str(c.label)} for c in cases],
-            "fault": parse_fault(os.environ.get(FAULT_ENV), run_dir / ".fault_injected"),
-        },
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=f"train-{stamp}",
-            storage_path=str(run_dir / "ray_results"),
-            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
-            callbacks=[_make_run_folder_callback(run_dir, cfg, logger, [c.case_id for c in cases]), *(extra_callbacks or [])],
-        ),
-    )
+    callbacks = [_make_run_folder_callback(run_dir, cfg, logger, [c.case_id for c in cases]), *(extra_callbacks or [])]
+    trainer = build_trainer(cfg, cases, callbacks, name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
     start_epoch = 0
     if cfg.training.resume_from is not None:
@@ -315,15 +323,10 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, *, progress:
 
         start_epoch = load_checkpoint(cfg.training.resume_from).epoch
     try:
-        if progress:
-            with _Progress(run_dir / "history.csv", cfg.training.epochs, start_epoch):
-                result = trainer.fit()
-        else:
+        with _Progress(run_dir / "history.csv", cfg.training.epochs, start_epoch) if progress else nullcontext():
             result = trainer.fit()
-    except Exception as exc:
+    except Exception:
         logger.end("FAILED")
-        if isinstance(exc, HypersortError):
-            raise
         raise
     if result.checkpoint is None:
         logger.end("FAILED")
