@@ -194,7 +194,9 @@ def init_ray(address: str | None, num_cpus_hint: float | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         cpus = max(os.cpu_count() or 1, int(num_cpus_hint or 0))
-        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+        # The dashboard hosts the State API that Ray Train's placement-group cleaner polls; without it
+        # finished worker groups are not reclaimed (STACK_NOTES). Bind it to loopback only.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 class _Progress:
@@ -262,7 +264,7 @@ def prepare_run_folder(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[An
 
 def build_trainer(cfg: ExperimentConfig, cases: list[Any], callbacks: list[Any], *, name: str, storage_path: Path | None = None):
     """A ``TorchTrainer`` for a prepared run folder (``prepare_run_folder``); Tune trials reuse it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = Path(cfg.output_dir)
@@ -285,6 +287,7 @@ def build_trainer(cfg: ExperimentConfig, cases: list[Any], callbacks: list[Any],
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=os.environ.get("HYPERSORT_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
 
