@@ -291,6 +291,9 @@ class SweepConfig(_Strict):
     search: Literal["random", "grid", "optuna"] = "random"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: PositiveInt = 2
+    reduction_factor: Annotated[float, Field(gt=1)] = Field(
+        2.0, description="ASHA: keep the best 1/reduction_factor of the trials at each rung."
+    )
     metric: Literal["val_dice", "seg_loss", "auroc_latent_norm", "spearman_latent_norm"] = "seg_loss"
     mode: Literal["min", "max"] | None = Field(None, description="Default: min for seg_loss, else max.")
     workers_per_trial: PositiveInt = 1

@@ -61,8 +61,12 @@ class Case:
     label: Path
 
 
-def case_id_from_path(path: str | Path) -> str:
-    """``/x/liver_003_0000.nii.gz`` -> ``liver_003``."""
+def case_id_from_path(path: str | Path, strip_channel: bool = False) -> str:
+    """``/x/liver_003.nii.gz`` -> ``liver_003``; with ``strip_channel``, ``liver_003_0000`` -> ``liver_003``.
+
+    The nnU-Net channel suffix is stripped only where the folder convention applies (an image in
+    ``imagesTr/`` whose label lacks the suffix): ``case_0000`` in a TSV is a case id, not a channel.
+    """
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -70,7 +74,7 @@ def case_id_from_path(path: str | Path) -> str:
             break
     else:
         name = Path(name).stem
-    if name.endswith(CHANNEL_SUFFIX):
+    if strip_channel and name.endswith(CHANNEL_SUFFIX):
         name = name[: -len(CHANNEL_SUFFIX)]
     return name
 
@@ -83,6 +87,7 @@ class _Row:
     image: Path
     label: Path
     where: str
+    case_id: str | None = None  # set when the source already decided it (folder pairing)
 
 
 def load_datalist(path: str | Path) -> list[Case]:
@@ -224,11 +229,13 @@ def _rows_from_folder(path: Path) -> list[_Row]:
             )
             continue
         cid = case_id_from_path(img)
+        if cid not in labels:
+            cid = case_id_from_path(img, strip_channel=True)
         label = labels.pop(cid, None)
         if label is None:
             problems.append(f"{img}: no label {cid}.nii.gz in {lab_dir}")
             continue
-        rows.append(_Row(img.resolve(), label.resolve(), f"{path} case {cid}"))
+        rows.append(_Row(img.resolve(), label.resolve(), f"{path} case {cid}", cid))
     problems += [f"{lab}: label without an image in {img_dir}" for lab in labels.values()]
     if problems:
         raise DataError(
@@ -244,7 +251,7 @@ def _rows_to_cases(path: Path, rows: list[_Row]) -> list[Case]:
     seen_ids: dict[str, int] = {}
     cases = []
     for i, row in enumerate(rows):
-        cid = case_id_from_path(row.image)
+        cid = row.case_id or case_id_from_path(row.image)
         head = f"case {cid} (row {i}, {row.where})"
         for kind, file in (("image", row.image), ("label", row.label)):
             if not file.is_file():

@@ -281,7 +281,7 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
 
         is_last = epoch + 1 == tcfg.epochs
         part_dir = None
-        if is_last or (epoch + 1) % tcfg.checkpoint_every == 0:
+        if ctx.report is not None and (is_last or (epoch + 1) % tcfg.checkpoint_every == 0):
             part_dir = _write_part(cfg, ctx, hyper, step, latents, epoch + 1, global_step, n, case_ids, history, l1_weight)
         if ctx.report is not None:
             ctx.report(metrics, part_dir)

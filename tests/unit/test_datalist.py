@@ -79,7 +79,9 @@ def test_msd_folder_with_channel_suffix(tmp_path):
 
 
 def test_case_id_from_path():
-    assert case_id_from_path("/x/liver_3_0000.nii.gz") == "liver_3"
+    assert case_id_from_path("/x/liver_3_0000.nii.gz", strip_channel=True) == "liver_3"
+    # In a TSV/JSON datalist `case_0000` is a case id (the synthetic benchmark's first case), not a channel.
+    assert case_id_from_path("/x/case_0000.nii.gz") == "case_0000"
     assert case_id_from_path("y.nii") == "y"
     assert case_id_from_path("z.NII.GZ") == "z"
 

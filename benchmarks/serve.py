@@ -1,0 +1,300 @@
+"""Serving latency and throughput of the HyperSORT endpoint (one replica, real HTTP on 127.0.0.1).
+
+For each volume size (default 64³ and 128³ at the model's training spacing, so the network sees that
+many voxels) and each ``style_cache_size`` (default 32 = cache on, 0 = every request regenerates its
+UNet from the hyper-network), it deploys one app per cache setting (one replica each), warms them up,
+sends a bounded number of requests cycling through every style -- interleaved between the apps in
+rounds, so both see the same background load -- and reports client-side p50/p95/p99 latency,
+requests/s and the server's own ``X-Inference-Ms``. It also times the generation of one UNet from H,
+which is what a cache hit saves. ``--probe-batching`` also measures, in-process, what ``@serve.batch`` could gain:
+UNet forward time per window at several batch sizes, and k same-style volumes segmented one by one vs.
+in one batched sliding-window pass.
+
+Usage::
+
+    python benchmarks/serve.py                                   # demo-size random model
+    python benchmarks/serve.py --model runs/demo --json out.json --probe-batching
+    python benchmarks/serve.py --sizes 64 --requests 10 --cache-sizes 32 0
+
+Numbers depend on what else runs on the machine: the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ------------------------------------------------------------------------------------------ model
+def make_random_model(root: Path, latent_dim: int = 2) -> Path:
+    """A run folder with a randomly initialised demo-size model (the default config) and 3 styles."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hypersort_ray.config import config_to_yaml, load_config
+    from hypersort_ray.model.hypernet import HyperNetwork
+    from hypersort_ray.model.unet import build_primary
+
+    cfg = load_config(None, [f"model.hypernet.latent_dim={latent_dim}"])
+    ckpt = root / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "config.yaml").write_text(config_to_yaml(cfg))
+    torch.manual_seed(0)
+    hn = cfg.model.hypernet
+    hyper = HyperNetwork(build_primary(cfg.model.unet), hn.latent_dim, hn.hidden, hn.bound)
+    save_file({k: v.contiguous() for k, v in hyper.state_dict().items()}, str(ckpt / "hypernet.safetensors"))
+    styles = [
+        {"id": 0, "centroid": [0.0] * latent_dim, "size": 50},
+        {"id": 1, "centroid": ([1.5, -1.0] + [0.0] * latent_dim)[:latent_dim], "size": 6, "name": "eroded-like"},
+        {"id": 2, "centroid": ([-1.5, 1.0] + [0.0] * latent_dim)[:latent_dim], "size": 6, "name": "dilated-like"},
+    ]
+    (root / "analysis").mkdir(exist_ok=True)
+    (root / "analysis" / "styles.json").write_text(json.dumps({"main_style": 0, "styles": styles}))
+    return root
+
+
+def volume_bytes(size: int, spacing: list[float] | None, seed: int = 0) -> bytes:
+    """A CT-like int16 volume (ball + noise) as .nii.gz at the model's training spacing."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    shape = (size, size, size)
+    grid = np.indices(shape, dtype=np.float32)
+    ball = sum((g - size / 2) ** 2 for g in grid) < (size / 3) ** 2
+    data = (40 + 60 * ball + rng.normal(0, 8, shape)).astype(np.int16)
+    data[0] = -1000
+    affine = np.diag([*(spacing or [1.0, 1.0, 1.0]), 1.0])
+    return gzip.compress(nib.Nifti1Image(data, affine).to_bytes(), compresslevel=1)
+
+
+# ------------------------------------------------------------------------------------------ serve
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def send_requests(url: str, payload: bytes, styles: list[str], requests: int, concurrency: int, start: int = 0):
+    """Send ``requests`` uploads (styles cycling from ``start``), ``concurrency`` at a time.
+
+    Returns (client latencies ms, server X-Inference-Ms, non-200 count, wall seconds).
+    """
+    import httpx
+
+    def one(i: int) -> tuple[float, float, int]:
+        with httpx.Client(timeout=600.0) as c:
+            t0 = time.perf_counter()
+            r = c.post(
+                f"{url}/v1/segment",
+                files={"file": ("bench.nii.gz", payload, "application/octet-stream")},
+                data={"style": styles[i % len(styles)]},
+            )
+            return (time.perf_counter() - t0) * 1000.0, float(r.headers.get("x-inference-ms", "nan")), r.status_code
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, range(start, start + requests)))
+    wall = time.perf_counter() - t0
+    return [r[0] for r in results], [r[1] for r in results], sum(r[2] != 200 for r in results), wall
+
+
+def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, Any]]:
+    """One app per cache setting (one replica each), requests interleaved between them in rounds so that
+    both see the same background load; only one app is busy at a time."""
+    import ray
+    from ray import serve
+
+    from hypersort_ray.config import ServeSettings
+    from hypersort_ray.inference import load_model
+    from hypersort_ray.serve.app import build_application, http_options
+
+    model = load_model(model_ref, cache_size=0)
+    spacing = model.config.preprocessing.spacing
+    styles = [s.id for s in model.styles]
+    payloads = {size: volume_bytes(size, spacing, seed=size) for size in args.sizes}
+    port = _free_port()
+    base = ServeSettings(model=model_ref, host="127.0.0.1", port=port, num_cpus=args.num_cpus,
+                         request_timeout_s=600, max_ongoing_requests=8, auth_token_env=None)
+    apps = {cache: f"/cache{cache}" for cache in args.cache_sizes}
+    rows = []
+    ray.init(num_cpus=int(args.num_cpus) * len(apps) + 1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve.start(http_options=http_options(base))
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        for cache, prefix in apps.items():
+            settings = base.model_copy(update={"style_cache_size": cache})
+            serve.run(build_application(settings), name=f"bench-cache{cache}", route_prefix=prefix, blocking=False)
+        print(f"{len(apps)} apps ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        for size in args.sizes:
+            n = args.requests if size <= 64 else max(4, args.requests // 3)
+            acc = {cache: ([], [], 0, 0.0) for cache in apps}
+            for prefix in apps.values():  # warm-up: one request per style
+                send_requests(url + prefix, payloads[size], styles, len(styles), 1)
+            done = 0
+            while done < n:
+                step = min(args.concurrency, n - done)
+                for cache, prefix in apps.items():
+                    lat, srv, err, wall = send_requests(url + prefix, payloads[size], styles, step, step, start=done)
+                    a = acc[cache]
+                    acc[cache] = (a[0] + lat, a[1] + srv, a[2] + err, a[3] + wall)
+                done += step
+            for cache, (lat, srv, err, wall) in acc.items():
+                row = {
+                    "size": size, "style_cache_size": cache, "concurrency": args.concurrency, "requests": n,
+                    "errors": err, "p50_ms": _percentile(lat, 50), "p95_ms": _percentile(lat, 95),
+                    "p99_ms": _percentile(lat, 99), "mean_ms": statistics.fmean(lat), "requests_per_s": n / wall,
+                    "server_inference_p50_ms": _percentile(srv, 50), "wall_s": wall,
+                }
+                rows.append(row)
+                print(f"[cache {cache}] {size}^3: p50 {row['p50_ms']:.0f} ms, {row['requests_per_s']:.2f} req/s",
+                      file=sys.stderr)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return rows
+
+
+def unet_generation_ms(model_ref: str, repeats: int = 10) -> float:
+    """What the style cache saves per request: generating one UNet from H (in-process, 1 thread)."""
+    import torch
+
+    from hypersort_ray.inference import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(model_ref, cache_size=0)
+    latent = model.styles[-1].latent
+    model.unet_for(latent)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.unet_for(latent)
+    return (time.perf_counter() - t0) * 1000 / repeats
+
+
+# ------------------------------------------------------------------------------------ batching
+def probe_batching(model_ref: str, size: int, k: int, repeats: int) -> dict[str, Any]:
+    """What @serve.batch could save: per-window forward cost vs batch size, and k volumes one by one
+    vs. in one batched sliding-window pass (same style, same shape: batching's best case)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from hypersort_ray.inference import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(model_ref)
+    net = model.unet_for(model.styles[0].latent)
+    roi = tuple(int(r) for r in model.config.preprocessing.roi_size)
+    c_in = model.config.model.unet.in_channels
+    out: dict[str, Any] = {"torch_threads": 1, "roi": list(roi), "forward_ms_per_window": {}}
+    with torch.no_grad():
+        for b in (1, 2, 4, 8, 16):
+            x = torch.randn(b, c_in, *roi)
+            net(x)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                net(x)
+            out["forward_ms_per_window"][b] = (time.perf_counter() - t0) * 1000 / (repeats * b)
+
+        vols = torch.rand(k, c_in, size, size, size)
+        sw = model.sw_batch_size
+
+        def one_by_one():
+            for i in range(k):
+                sliding_window_inference(vols[i : i + 1], roi, sw, net, overlap=model.overlap, mode="gaussian")
+
+        def batched():
+            sliding_window_inference(vols, roi, sw * k, net, overlap=model.overlap, mode="gaussian")
+
+        for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(max(1, repeats // 4)):
+                fn()
+            out[f"{name}_ms_per_volume"] = (time.perf_counter() - t0) * 1000 / (max(1, repeats // 4) * k)
+    out["size"], out["k"] = size, k
+    out["batched_speedup"] = out["one_by_one_ms_per_volume"] / out["batched_ms_per_volume"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'volume':>8} {'cache':>6} {'n':>4} {'err':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'server p50':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{str(r['size']) + '^3':>8} {r['style_cache_size']:>6} {r['requests']:>4} {r['errors']:>4} "
+            f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['p99_ms']:>9.0f} {r['requests_per_s']:>7.2f} "
+            f"{r['server_inference_p50_ms']:>11.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Run folder or MLflow URI (default: a random demo-size model in a temp dir).")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="Volume edges (voxels).")
+    p.add_argument("--cache-sizes", type=int, nargs="+", default=[32, 0], help="style_cache_size values.")
+    p.add_argument("--requests", type=int, default=16, help="Requests per 64³ run (a third of it for larger).")
+    p.add_argument("--concurrency", type=int, default=1, help="Requests in flight from the client.")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the one replica.")
+    p.add_argument("--probe-batching", action="store_true", help="Also measure what @serve.batch could gain.")
+    p.add_argument("--no-serve", action="store_true", help="Skip the HTTP benchmark (probe only).")
+    p.add_argument("--json", type=Path, help="Write the results here.")
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.requests > 1000:
+        p.error("--requests must be within 1..1000")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    with tempfile.TemporaryDirectory(prefix="hypersort-bench-") as tmp:
+        model_ref = args.model or str(make_random_model(Path(tmp) / "run"))
+        result: dict[str, Any] = {
+            "model": args.model or "random demo-size model (default config)",
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": os.getloadavg(),
+        }
+        if not args.no_serve:
+            result["serving"] = bench_serving(args, model_ref)
+            print_table(result["serving"])
+        result["unet_generation_ms"] = unet_generation_ms(model_ref)
+        print(f"\ngenerating one UNet from H (what a cache hit saves): {result['unet_generation_ms']:.1f} ms")
+        if args.probe_batching:
+            probe = probe_batching(model_ref, size=min(args.sizes), k=4, repeats=8)
+            result["batching_probe"] = probe
+            windows = ", ".join(f"B={b}: {ms:.1f}" for b, ms in probe["forward_ms_per_window"].items())
+            print(f"\nUNet forward ms/window ({windows})")
+            print(
+                f"{probe['k']} x {probe['size']}^3 same style: one by one {probe['one_by_one_ms_per_volume']:.0f} "
+                f"ms/volume, batched {probe['batched_ms_per_volume']:.0f} ms/volume "
+                f"(speed-up {probe['batched_speedup']:.2f}x)"
+            )
+        result["loadavg_after"] = os.getloadavg()
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+            print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Evaluate a primary network on B samples, each with its own generated parameter set.
+
+A HyperSORT batch holds samples with different latents λ_n, hence different UNet parameters
+θ_n = H(λ_n). :func:`batched_forward` evaluates ``primary`` on sample n with θ_n for every n at once —
+without ever assigning tensors to the module (the reference deletes the module's Parameters and sets
+attributes, one sample at a time).
+
+Two implementations, same outputs and gradients (tests check both against a per-sample loop):
+
+* **generic** — ``torch.func.functional_call`` under ``torch.vmap`` over (params, x): any ``nn.Module``
+  whose layers support vmap (MONAI ``BasicUNet`` included).
+* **grouped** — for :class:`~hypersort_ray.model.unet.UNet`: the B samples become the *groups* of one
+  grouped convolution. The batch is laid out as ``(1, B·C, *spatial)``, weights as ``(B·C_out, C_in, k…)``
+  and ``F.conv3d(..., groups=B)`` applies sample n's kernel to sample n's channels only; transposed
+  convolutions likewise; instance norm is per (sample, channel) already, so ``F.instance_norm`` on the
+  ``(1, B·C, …)`` view with the ``(B·C,)`` affine of every sample is exact. Why it pays on CPU: PyTorch
+  sends a single-sample, ungrouped 3D convolution with few channels to its slow generic kernel, while a
+  grouped one goes to oneDNN (measured 4–5× faster per convolution at 32³, see ``benchmarks/train_step.py``).
+  With B = 1 the same trick is played with two groups that each compute half the output channels from a
+  copy of the input — the identical arithmetic, no extra multiply-adds — whenever PyTorch would otherwise
+  choose the slow kernel.
+
+Example:
+    >>> import torch
+    >>> from hypersort_ray.model.unet import UNet
+    >>> from hypersort_ray.model.hypernet import HyperNetwork
+    >>> hyper = HyperNetwork(UNet(n_down=1, n_fix=1, channels=2), latent_dim=2, hidden=(8,))
+    >>> params = hyper.unflatten(hyper(torch.randn(3, 2)))
+    >>> batched_forward(hyper.primary, params, torch.randn(3, 1, 8, 8, 8)).shape
+    torch.Size([3, 2, 8, 8, 8])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hypersort_ray.errors import ModelError
+from hypersort_ray.model.unet import UNet
+
+__all__ = ["batched_forward", "supports_grouped", "GroupedOps"]
+
+Method = Literal["auto", "grouped", "vmap", "loop"]
+
+# PyTorch's CPU convolution heuristic (aten ConvParams::use_mkldnn): a float32 convolution with one
+# sample and one group goes to oneDNN only if N·C·D·H (4-D prefix of the input) exceeds this many elements.
+_MKLDNN_MIN_ELEMENTS = 20480
+
+
+def supports_grouped(primary: nn.Module) -> bool:
+    """Whether ``primary`` can use the grouped-convolution path (our :class:`UNet`, forward not overridden)."""
+    return (
+        isinstance(primary, UNet)
+        and type(primary).forward is UNet.forward
+        and type(primary).walk is UNet.walk
+    )
+
+
+def _would_use_slow_kernel(x: Tensor, groups: int) -> bool:
+    """True where CPU PyTorch would pick its generic (slow) convolution kernel for a float32 input."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or groups != 1 or x.shape[0] != 1:
+        return False
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    return x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= _MKLDNN_MIN_ELEMENTS
+
+
+class GroupedOps:
+    """:class:`~hypersort_ray.model.unet.UNetOps` running B parameter sets as convolution groups.
+
+    Tensors flow as ``(1, B·C, *spatial)``; weights are read from ``params`` (``name.weight`` of shape
+    ``[B, *shape]``), falling back to the template's own tensor (shared by all samples) for a name that
+    is absent. The template's layers supply stride, padding, eps, … (read only).
+
+    Args:
+        net: the template :class:`UNet`.
+        params: generated tensors, ``name -> [B, *shape]``.
+        batch: B.
+        split_single: with B = 1, run convolutions that would hit PyTorch's slow CPU kernel as two groups
+            of half the output channels (same arithmetic, oneDNN kernel).
+    """
+
+    def __init__(
+        self, net: UNet, params: Mapping[str, Tensor], batch: int, *, split_single: bool = True
+    ) -> None:
+        self.net = net
+        self.params = params
+        self.B = batch
+        self.split_single = split_single
+        self._conv = F.conv3d if net.spatial_dims == 3 else F.conv2d
+        self._conv_t = F.conv_transpose3d if net.spatial_dims == 3 else F.conv_transpose2d
+
+    def _get(self, name: str, fallback: Tensor) -> Tensor:
+        value = self.params.get(name)
+        if value is None:
+            return fallback.unsqueeze(0).expand(self.B, *fallback.shape)
+        return value
+
+    def conv(self, name: str, x: Tensor) -> Tensor:
+        layer = self.net.get_submodule(name)
+        B = self.B
+        w = self._get(f"{name}.weight", layer.weight)
+        c_out = w.shape[1]
+        b = self._get(f"{name}.bias", layer.bias).reshape(B * c_out) if layer.bias is not None else None
+        groups = layer.groups
+        if (
+            B == 1
+            and self.split_single
+            and c_out % 2 == 0
+            and groups == 1
+            and _would_use_slow_kernel(x, groups)
+        ):
+            # Two groups, each half of the output channels from its own copy of the input: exactly the
+            # same sums, but the oneDNN kernel instead of the generic one.
+            return self._conv(
+                torch.cat([x, x], dim=1), w[0], b, layer.stride, layer.padding, layer.dilation, 2
+            )
+        w = w.reshape(B * c_out, *w.shape[2:])
+        return self._conv(x, w, b, layer.stride, layer.padding, layer.dilation, B * groups)
+
+    def conv_transpose(self, name: str, x: Tensor) -> Tensor:
+        layer = self.net.get_submodule(name)
+        B = self.B
+        w = self._get(f"{name}.weight", layer.weight)  # [B, C_in, C_out / groups, k...]
+        c_in, c_out = w.shape[1], w.shape[2] * layer.groups
+        b = self._get(f"{name}.bias", layer.bias).reshape(B * c_out) if layer.bias is not None else None
+        args = (layer.stride, layer.padding, layer.output_padding)
+        if (
+            B == 1
+            and self.split_single
+            and c_out % 2 == 0
+            and layer.groups == 1
+            and _would_use_slow_kernel(x, layer.groups)
+        ):
+            half = c_out // 2
+            w2 = torch.cat([w[0, :, :half], w[0, :, half:]], dim=0)  # [2·C_in, C_out/2, k...]
+            return self._conv_t(torch.cat([x, x], dim=1), w2, b, *args, 2, layer.dilation)
+        w = w.reshape(B * c_in, *w.shape[2:])
+        return self._conv_t(x, w, b, *args, B * layer.groups, layer.dilation)
+
+    def norm(self, name: str, x: Tensor) -> Tensor:
+        layer = self.net.get_submodule(name)
+        weight = bias = None
+        if layer.affine:
+            weight = self._get(f"{name}.weight", layer.weight).reshape(-1)
+            bias = self._get(f"{name}.bias", layer.bias).reshape(-1)
+        return F.instance_norm(x, weight=weight, bias=bias, use_input_stats=True, eps=layer.eps)
+
+    def cat(self, a: Tensor, b: Tensor) -> Tensor:
+        B = self.B
+        spatial = a.shape[2:]
+        both = torch.cat([a.view(B, -1, *spatial), b.view(B, -1, *spatial)], dim=1)
+        return both.reshape(1, -1, *spatial)
+
+
+def _grouped(primary: UNet, params: Mapping[str, Tensor], x: Tensor, channels_last: bool) -> Tensor:
+    primary.check_input(x)
+    B, spatial = x.shape[0], x.shape[2:]
+    xg = x.reshape(1, B * x.shape[1], *spatial)
+    if channels_last:
+        xg = xg.contiguous(memory_format=_channels_last(x.dim()))
+    out = primary.walk(xg, GroupedOps(primary, params, B))
+    return out.reshape(B, -1, *spatial)
+
+
+def _vmap(primary: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(primary, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    return torch.vmap(one, in_dims=(0, 0))(dict(params), x)
+
+
+def _loop(primary: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    outs = [
+        functional_call(primary, {k: v[i] for k, v in params.items()}, (x[i : i + 1],))
+        for i in range(x.shape[0])
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _channels_last(ndim: int) -> torch.memory_format:
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def _check(params: Mapping[str, Tensor], x: Tensor) -> None:
+    if x.dim() < 3:
+        raise ModelError(f"batched_forward: x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    B = x.shape[0]
+    bad = {k: tuple(v.shape) for k, v in params.items() if v.dim() == 0 or v.shape[0] != B}
+    if bad:
+        raise ModelError(f"batched_forward: x has batch size {B} but these parameters do not: {bad}")
+
+
+def batched_forward(
+    primary: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    method: Method = "auto",
+    channels_last: bool = False,
+    bf16: bool = False,
+) -> Tensor:
+    """Output of ``primary`` on sample n with parameter set n, for all n at once.
+
+    Never modifies ``primary``: its parameters and buffers are only read where ``params`` lacks a name.
+
+    Args:
+        primary: the template network (e.g. ``HyperNetwork.primary``).
+        params: ``name -> [B, *shape]`` (e.g. ``HyperNetwork.unflatten(H(λ))``).
+        x: ``[B, C, *spatial]``.
+        method: ``"auto"`` (grouped for :class:`UNet`, else vmap), ``"grouped"``, ``"vmap"``, or ``"loop"``
+            (a Python loop of ``functional_call``; the plain reference for tests).
+        channels_last: use the channels-last memory format for the activations (CUDA; on CPU it is
+            honoured too but measured no faster).
+        bf16: autocast to bfloat16 on CUDA; ignored on other devices.
+
+    Returns:
+        ``[B, K, *spatial]``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Conv2d(1, 2, 3, padding=1)
+        >>> params = {"weight": torch.randn(4, 2, 1, 3, 3), "bias": torch.zeros(4, 2)}
+        >>> batched_forward(net, params, torch.randn(4, 1, 5, 5)).shape
+        torch.Size([4, 2, 5, 5])
+    """
+    _check(params, x)
+    if method == "auto":
+        method = "grouped" if supports_grouped(primary) else "vmap"
+    if method == "grouped" and not supports_grouped(primary):
+        raise ModelError(
+            f"batched_forward: the grouped path needs hypersort_ray's UNet, got {type(primary).__name__}; "
+            "use method='vmap'"
+        )
+    if method not in ("grouped", "vmap", "loop"):
+        raise ModelError(f"batched_forward: unknown method {method!r}")
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if bf16 and x.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        if method == "grouped":
+            return _grouped(primary, params, x, channels_last)  # type: ignore[arg-type]
+        if channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=_channels_last(x.dim()))
+        if method == "vmap":
+            return _vmap(primary, params, x)
+        return _loop(primary, params, x)

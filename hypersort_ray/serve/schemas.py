@@ -1,0 +1,121 @@
+"""Pydantic schemas of the HTTP API (responses, errors) and of the config-file application builder.
+
+These models are the OpenAPI document served at ``/docs``; they import nothing from Ray or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hypersort_ray.config import ServeSettings
+
+__all__ = [
+    "BuildArgs",
+    "CacheStats",
+    "ConfigSummary",
+    "ErrorResponse",
+    "HealthResponse",
+    "ModelResponse",
+    "SegmentSummary",
+    "StyleInfo",
+    "StylesResponse",
+    "StylesSummary",
+]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a JSON object naming the problem."""
+
+    detail: str | list[Any] = Field(..., description="What was wrong with the request.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_loaded: bool
+    model_version: str
+
+
+class StyleInfo(BaseModel):
+    id: str = Field(..., description="Style id to pass as `style` (main = λ 0).")
+    name: str
+    size: int = Field(..., description="Training cases in the style's cluster (0 when unknown).")
+    centroid: list[float] = Field(..., description="The style's latent (cluster centroid; zeros for main).")
+    is_main: bool
+
+
+class StylesResponse(BaseModel):
+    main_style: str
+    latent_dim: int
+    styles: list[StyleInfo]
+
+
+class ConfigSummary(BaseModel):
+    network: dict[str, Any] = Field(..., description="The primary UNet's settings.")
+    hypernet: dict[str, Any]
+    roi_size: list[int]
+    spacing: list[float] | None
+    orientation: str | None
+    num_classes: int
+
+
+class CacheStats(BaseModel):
+    capacity: int = Field(..., description="style_cache_size: generated UNets kept (LRU); 0 disables caching.")
+    hits: int
+    misses: int
+
+
+class ModelResponse(BaseModel):
+    registry_name: str | None = Field(None, description="Registered model name when loaded from MLflow.")
+    registry_version: str | None = Field(None, description="Registered model version when known.")
+    model_version: str = Field(..., description="What X-Model-Version reports.")
+    source: str
+    latent_dim: int
+    spatial_dims: int
+    num_styles: int
+    config: ConfigSummary
+    cache: CacheStats
+    info: dict[str, Any] = Field(default_factory=dict, description="Provenance recorded with the model.")
+
+
+class SegmentSummary(BaseModel):
+    style: str = Field(..., description="Style id used, or `latent` for an explicit latent.")
+    latent: list[float]
+    shape: list[int] = Field(..., description="Mask shape (= the input's).")
+    foreground_voxels: int
+    volume_ml: float = Field(..., description="Foreground volume from the affine's voxel volume.")
+    voxel_volume_ml: float
+    class_voxels: dict[str, int] = Field(..., description="Voxels per class label (0 = background).")
+    model_version: str
+    inference_ms: float
+    mask_base64: str | None = Field(None, description="The mask as base64 of a .nii.gz (include_mask=true).")
+
+
+class StylesSummary(BaseModel):
+    model_version: str
+    inference_ms: float
+    results: list[SegmentSummary]
+
+
+class BuildArgs(ServeSettings):
+    """``args:`` of an application in a Serve config file (``import_path: hypersort_ray.serve.app:build_app``).
+
+    The fields of :class:`~hypersort_ray.config.ServeSettings` except ``host`` and ``port``, which a
+    config file sets once for the whole cluster under ``http_options``. ``model`` is required.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, description="Run folder or MLflow model URI.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_http_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            misplaced = [k for k in ("host", "port", "request_timeout_s") if k in data]
+            if misplaced:
+                raise ValueError(
+                    f"{', '.join(misplaced)}: set these under http_options in the Serve config file, not in args"
+                )
+        return data

@@ -1,0 +1,165 @@
+"""A complete, tiny run folder without training: for inference, serving, registry and analysis tests.
+
+:func:`make_tiny_run` writes what ``hypersort train`` + ``hypersort analyze`` leave behind, with a
+random-but-seeded hyper-network for a tiny UNet (4 channels, one down-sampling stage, 16³ ROI) instead of
+trained weights. Predictions are meaningless but deterministic, and different styles give different
+networks. Builds in well under 2 s (mostly imports).
+
+Layout::
+
+    RUN_DIR/config.yaml, RUN_DIR/checkpoint/ (save_checkpoint format), RUN_DIR/latents.csv,
+    RUN_DIR/history.csv, RUN_DIR/train_summary.json (no MLflow run), RUN_DIR/analysis/styles.json
+    (main style id 0 + styles 1 and 2), RUN_DIR/data/ (synthetic images/, labels/, datalist.tsv,
+    truth.csv: ``generate_dataset`` with 16³ volumes)
+
+Example:
+    >>> from tests.helpers_model import make_tiny_run, tiny_image   # doctest: +SKIP
+    >>> run = make_tiny_run(tmp_path)                                 # doctest: +SKIP
+    >>> load_model(run).predict_file(tiny_image(run), tmp_path / "m.nii.gz")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TINY_OVERRIDES = [
+    "name=tiny",
+    "preprocessing.roi_size=[16,16,16]",
+    "preprocessing.spacing=[2.0,2.0,2.0]",
+    "model.unet.channels=4",
+    "model.unet.n_down=1",
+    "model.unet.n_fix=1",
+    "model.hypernet.hidden=[16]",
+    "training.epochs=1",
+    "training.batch_size=2",
+    "training.scaling.num_workers=1",
+    "tracking.enabled=false",
+    "analysis.run_after_training=false",
+]
+
+# Style centroids used by the fixture (first two latent coordinates; the rest are 0).
+STYLE_CENTROIDS = {"1": (1.5, -1.0), "2": (-1.5, 1.0)}
+
+
+def make_tiny_run(
+    tmp_path: Path,
+    latent_dim: int = 2,
+    with_styles: bool = True,
+    *,
+    n_cases: int = 6,
+    seed: int = 0,
+    name: str = "run",
+) -> Path:
+    """Write a complete tiny run folder under ``tmp_path / name`` and return its path.
+
+    Args:
+        tmp_path: parent folder (pytest's ``tmp_path``).
+        latent_dim: d.
+        with_styles: write ``analysis/styles.json`` (main = cluster 0, plus styles 1 and 2).
+        n_cases: synthetic cases (16³ volumes, 2 mm).
+        seed: seeds H's initialisation, the latents and the images.
+        name: sub-folder name.
+    """
+    import torch
+
+    from hypersort_ray.config import config_to_yaml, load_config
+    from hypersort_ray.data.synthetic import generate_dataset
+    from hypersort_ray.model.hypernet import HyperNetwork
+    from hypersort_ray.model.latents import LatentTable
+    from hypersort_ray.model.unet import build_primary
+    from hypersort_ray.train.checkpoint import save_checkpoint
+    from hypersort_ray.train.latents_io import write_latents_csv
+
+    run_dir = Path(tmp_path) / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    data = run_dir / "data"
+    generate_dataset(data, cases=n_cases, size=16, seed=seed)
+    case_ids = [line.split(",")[1] for line in (data / "truth.csv").read_text().splitlines()[1:]]
+
+    cfg = load_config(
+        None,
+        [
+            *TINY_OVERRIDES,
+            f"model.hypernet.latent_dim={latent_dim}",
+            f"output_dir={run_dir}",
+            f"data.datalist={data / 'datalist.tsv'}",
+            f"training.seed={seed}",
+        ],
+    )
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    # Seeded, local generator state: the caller's global RNG is left as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hn = cfg.model.hypernet
+        hyper = HyperNetwork(build_primary(cfg.model.unet), hn.latent_dim, hn.hidden, hn.bound)
+    table = LatentTable(range(n_cases), latent_dim, init_std=0.8, seed=seed)
+    values = table.values().numpy()
+    save_checkpoint(
+        run_dir / "checkpoint",
+        latent_state=table,
+        hyper_state=hyper.state_dict(),
+        config=cfg,
+        epoch=1,
+        global_step=1,
+        case_ids=case_ids,
+        extra={"history": [{"epoch": 1, "loss": 0.9, "dice": 0.4}]},
+    )
+    write_latents_csv(run_dir / "latents.csv", list(range(n_cases)), case_ids, values)
+    (run_dir / "history.csv").write_text("epoch,global_step,loss,dice,latent_norm_mean\n1,1,0.9,0.4,0.5\n")
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(run_dir / "checkpoint"),
+        "latents_csv": str(run_dir / "latents.csv"),
+        "epochs": 1,
+        "num_samples": n_cases,
+        "seconds": 0.0,
+        "mlflow_run_id": None,
+        "tracking_uri": None,
+        "loss": 0.9,
+        "dice": 0.4,
+    }
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if with_styles:
+        _write_styles(run_dir, case_ids, values, latent_dim)
+    return run_dir
+
+
+def _write_styles(run_dir: Path, case_ids: list[str], values: np.ndarray, latent_dim: int) -> None:
+    """styles.json in the ``hypersort analyze`` format: main cluster 0 + styles 1 and 2."""
+    n = len(case_ids)
+    groups = {"0": list(range(0, max(n - 2, 1))), "1": [n - 2] if n >= 3 else [], "2": [n - 1] if n >= 2 else []}
+    styles = []
+    for sid, members in groups.items():
+        if sid == "0":
+            centroid = values[members].mean(axis=0) if members else np.zeros(latent_dim)
+        else:
+            centroid = np.zeros(latent_dim)
+            head = STYLE_CENTROIDS[sid][:latent_dim]
+            centroid[: len(head)] = head
+        norms = np.linalg.norm(values[members], axis=1) if members else np.zeros(0)
+        medoid = members[0] if members else None
+        styles.append(
+            {
+                "id": int(sid),
+                "name": {"0": "main", "1": "eroded-like", "2": "dilated-like"}[sid],
+                "size": len(members),
+                "centroid": [float(v) for v in centroid],
+                "medoid_index": medoid,
+                "medoid_case_id": case_ids[medoid] if medoid is not None else None,
+                "members": [case_ids[i] for i in members],
+                "mean_norm": float(norms.mean()) if len(norms) else 0.0,
+            }
+        )
+    doc = {"method": "fixture", "params": {}, "main_style": 0, "styles": styles, "n_outliers": 0}
+    (run_dir / "analysis").mkdir(exist_ok=True)
+    (run_dir / "analysis" / "styles.json").write_text(json.dumps(doc, indent=2))
+
+
+def tiny_image(run_dir: Path, index: int = 0) -> Path:
+    """Path of the ``index``-th synthetic image of a :func:`make_tiny_run` folder."""
+    images = sorted((Path(run_dir) / "data" / "images").glob("*.nii.gz"))
+    return images[index]

@@ -1,0 +1,311 @@
+"""Losses, batched evaluation paths, and the training step's per-sample semantics.
+
+The central check (GitHub issue #3): one batched step on B samples with different latents gives the same
+loss, H gradients, H update and latent updates as B separate per-sample evaluations done the way the
+reference code does them (one sample at a time, one Adam per latent, H gradients accumulated / B).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from torch.func import functional_call
+
+from hypersort_ray.errors import ModelError
+from hypersort_ray.model.functional import batched_forward
+from hypersort_ray.model.hypernet import HyperNetwork
+from hypersort_ray.model.latents import LatentTable
+from hypersort_ray.model.losses import hard_dice, l1_norm, seg_loss_terms
+from hypersort_ray.model.step import METRIC_KEYS, TrainStep
+from hypersort_ray.model.unet import UNet
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def make_setup(seed=0, dtype=torch.float64, n=5, **unet_kw):
+    torch.manual_seed(seed)
+    kw = dict(in_channels=1, out_channels=2, n_down=2, n_fix=1, channels=4)
+    kw.update(unet_kw)
+    hyper = HyperNetwork(UNet(**kw), latent_dim=2, hidden=(8, 8)).to(dtype)
+    table = LatentTable(range(n), dim=2, lr=1e-2, init_std=0.5, seed=seed, dtype=dtype)
+    return hyper, table
+
+
+def make_batch(B, size=16, seed=0, dtype=torch.float64, spatial_dims=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, *([size] * spatial_dims), generator=g, dtype=dtype)
+    y = (x + 0.5 * torch.randn(x.shape, generator=g, dtype=dtype) > 0.3).long()
+    return x, y
+
+
+def record_gradients(table: LatentTable) -> list:
+    """Wrap table.apply_gradients to keep what the step passes in."""
+    calls = []
+    original = table.apply_gradients
+
+    def spy(index, grad):
+        calls.append((torch.as_tensor(index).clone(), grad.detach().clone()))
+        original(index, grad)
+
+    table.apply_gradients = spy  # type: ignore[method-assign]
+    return calls
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_per_sample_seg_loss_matches_monai_dicece():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 3, 6, 6, 6, dtype=torch.float64)
+    label = torch.randint(0, 3, (3, 1, 6, 6, 6))
+    terms = seg_loss_terms(logits, label)
+    assert terms.seg.shape == (3,)
+    reference = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    torch.testing.assert_close(terms.seg.mean(), reference, **F64)
+    for i in range(3):  # each sample on its own = DiceCELoss on that sample alone
+        one = DiceCELoss(to_onehot_y=True, softmax=True)(logits[i : i + 1], label[i : i + 1])
+        torch.testing.assert_close(terms.seg[i], one, **F64)
+    torch.testing.assert_close(terms.seg, terms.dice + terms.ce, **F64)
+
+
+def test_l1_and_hard_dice():
+    assert l1_norm(torch.tensor([[1.0, -2.0], [0.0, 0.5]])).tolist() == [3.0, 0.5]
+    label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    label[0, 0, :2] = 1
+    logits = torch.zeros(2, 2, 4, 4)
+    logits[0, 1, :1] = 1.0  # predicts 4 of the 8 foreground voxels
+    dice = hard_dice(logits, label)
+    assert dice[0].item() == pytest.approx(2 * 4 / (4 + 8))
+    assert dice[1].item() == 1.0  # nothing predicted, nothing labelled
+
+
+# --------------------------------------------------------------------------------- evaluation paths
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_grouped_vmap_and_loop_agree_in_outputs_and_gradients(spatial_dims):
+    hyper, _ = make_setup(seed=1, spatial_dims=spatial_dims)
+    lam = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    x, y = make_batch(3, spatial_dims=spatial_dims)
+    results = {}
+    for method in ("grouped", "vmap", "loop"):
+        lam.grad = None
+        hyper.zero_grad()
+        logits = batched_forward(hyper.primary, hyper.unflatten(hyper(lam)), x, method=method)
+        seg_loss_terms(logits, y).seg.sum().backward()
+        results[method] = [logits.detach(), lam.grad.clone()] + [p.grad.clone() for p in hyper.parameters()]
+    for method in ("grouped", "vmap"):
+        for a, b in zip(results[method], results["loop"], strict=True):
+            torch.testing.assert_close(a, b, **F64)
+
+
+def test_grouped_channels_last_and_single_sample_split():
+    hyper, _ = make_setup(seed=2)
+    lam = torch.randn(2, 2, dtype=torch.float64)
+    x, _ = make_batch(2)
+    with torch.no_grad():
+        params = hyper.unflatten(hyper(lam))
+        ref = batched_forward(hyper.primary, params, x, method="loop")
+        cl = batched_forward(hyper.primary, params, x, method="grouped", channels_last=True)
+    torch.testing.assert_close(cl, ref, **F64)
+    # B = 1 in float32 takes the two-group split (same arithmetic, oneDNN kernel): same result and grads.
+    hyper32 = copy.deepcopy(hyper).float()
+    lam32 = lam[:1].float().requires_grad_(True)
+    grads = {}
+    for method in ("grouped", "loop"):
+        lam32.grad = None
+        out = batched_forward(
+            hyper32.primary, hyper32.unflatten(hyper32(lam32)), x[:1].float(), method=method
+        )
+        (out.square().mean()).backward()
+        grads[method] = (out.detach(), lam32.grad.clone())
+    for a, b in zip(grads["grouped"], grads["loop"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_forward_rejects_bad_input():
+    hyper, _ = make_setup()
+    params = hyper.unflatten(hyper(torch.zeros(2, 2, dtype=torch.float64)))
+    with pytest.raises(ModelError, match="batch size 3"):
+        batched_forward(hyper.primary, params, torch.zeros(3, 1, 16, 16, 16, dtype=torch.float64))
+    with pytest.raises(ModelError, match="grouped path"):
+        batched_forward(torch.nn.Conv2d(1, 1, 1), {}, torch.zeros(1, 1, 4, 4), method="grouped")
+
+
+# ------------------------------------------------------------------------------------ equivalence
+def reference_steps(hyper, table_values, x, y, index, *, lr_h, lr_lat, l1_weight, steps):
+    """The reference's semantics, written from the paper/issue description.
+
+    For each sample alone: H forward with its λ, primary via functional_call, DiceCE + l1·‖λ‖₁;
+    H gradients accumulated / B; each λ stepped by its own Adam (betas 0.7, 0.9) with ∂L_n/∂λ_n;
+    then one H Adam step.
+    """
+    hyper = copy.deepcopy(hyper)
+    opt_h = torch.optim.Adam(hyper.parameters(), lr=lr_h, foreach=False)
+    lams = {int(i): table_values[int(i)].clone().unsqueeze(0).requires_grad_(True) for i in index}
+    opts = {i: torch.optim.Adam([lam], lr=lr_lat, betas=(0.7, 0.9), eps=1e-8) for i, lam in lams.items()}
+    dicece = DiceCELoss(to_onehot_y=True, softmax=True)
+    B = len(index)
+    history = []
+    for _ in range(steps):
+        opt_h.zero_grad(set_to_none=True)
+        losses, lam_grads = [], []
+        for n in range(B):
+            i = int(index[n])
+            lam = lams[i]
+            flat = hyper(lam)
+            params = {k: v[0] for k, v in hyper.unflatten(flat).items()}
+            logits = functional_call(hyper.primary, params, (x[n : n + 1],))
+            loss = dicece(logits, y[n : n + 1]) + l1_weight * lam.abs().sum()
+            grads = torch.autograd.grad(loss, [lam, *hyper.parameters()])
+            for p, g in zip(hyper.parameters(), grads[1:], strict=True):
+                p.grad = g / B if p.grad is None else p.grad + g / B
+            opts[i].zero_grad()
+            lam.grad = grads[0]
+            opts[i].step()
+            losses.append(loss.detach())
+            lam_grads.append(grads[0][0])
+        h_grads = [p.grad.clone() for p in hyper.parameters()]
+        opt_h.step()
+        history.append((torch.stack(losses).mean(), torch.stack(lam_grads), h_grads))
+    return hyper, {i: lam.detach()[0] for i, lam in lams.items()}, history
+
+
+@pytest.mark.parametrize("method", ["grouped", "vmap"])
+def test_batched_step_equals_per_sample_reference(method):
+    hyper, table = make_setup(seed=3)
+    x, y = make_batch(3, seed=3)
+    index = torch.tensor([4, 1, 2])
+    start = {i: table.values()[i].clone() for i in range(len(table))}
+    ref_hyper, ref_lams, history = reference_steps(
+        hyper, start, x, y, index, lr_h=1e-3, lr_lat=1e-2, l1_weight=0.3, steps=2
+    )
+    calls = record_gradients(table)
+    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.3, method=method)
+    for k in range(2):
+        metrics = step.step(x, y, index)
+        ref_loss, ref_lam_grads, ref_h_grads = history[k]
+        assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-10)
+        assert metrics["samples"] == 3
+        for p, g in zip(hyper.parameters(), ref_h_grads, strict=True):
+            torch.testing.assert_close(p.grad, g, **F64)
+        torch.testing.assert_close(calls[k][1], ref_lam_grads, **F64)  # ∂L_n/∂λ_n, not scaled by 1/B
+    for p, q in zip(hyper.parameters(), ref_hyper.parameters(), strict=True):
+        torch.testing.assert_close(p, q, **F64)
+    for i, lam in ref_lams.items():
+        torch.testing.assert_close(table.values(torch.tensor([i]))[0], lam, **F64)
+    assert table.step_counts().tolist() == [0, 2, 2, 0, 2]
+    torch.testing.assert_close(table.values(torch.tensor([0, 3])), torch.stack([start[0], start[3]]))
+
+
+def test_weights_scale_h_but_not_latents_and_zero_rows_are_padding():
+    hyper, table = make_setup(seed=4)
+    x, y = make_batch(3, seed=4)
+    index = torch.tensor([0, 2, 3])
+    hyper_b, table_b = copy.deepcopy(hyper), copy.deepcopy(table)
+    before = table.values()
+    with torch.no_grad():  # per-sample seg loss at the state the step sees
+        seg = seg_loss_terms(batched_forward(hyper.primary, hyper.unflatten(hyper(before[index])), x), y).seg
+    calls_a, calls_b = record_gradients(table), record_gradients(table_b)
+
+    w_a = torch.tensor([0.5, 0.0, 0.25], dtype=torch.float64)
+    w_b = torch.tensor([0.2, 0.3, 0.1], dtype=torch.float64)
+    m_a = TrainStep(hyper, table, lr=1e-3).step(x, y, index, weight=w_a)
+    m_b = TrainStep(hyper_b, table_b, lr=1e-3).step(x, y, index, weight=w_b)
+
+    # λ gradients are each sample's own ∂L_n/∂λ_n whatever the weights; the padding row is not passed.
+    assert calls_a[0][0].tolist() == [0, 3]
+    torch.testing.assert_close(calls_a[0][1], calls_b[0][1][[0, 2]], **F64)
+    after = table.values()
+    assert torch.equal(after[[1, 2, 4]], before[[1, 2, 4]])  # padding row 2, rows 1 and 4 not in batch
+    assert not torch.equal(after[[0, 3]], before[[0, 3]])
+    assert table.step_counts().tolist() == [1, 0, 0, 1, 0]
+    # Metrics average the valid samples only; H's gradient is that of the weighted sum.
+    assert m_a["samples"] == 2 and m_b["samples"] == 3
+    assert m_a["seg_loss"] == pytest.approx(seg[[0, 2]].mean().item(), rel=1e-10)
+    assert m_b["seg_loss"] == pytest.approx(seg.mean().item(), rel=1e-10)
+
+
+def test_all_padding_batch_steps_nothing():
+    hyper, table = make_setup(seed=5)
+    x, y = make_batch(2, seed=5)
+    before = table.values()
+    w = torch.zeros(2, dtype=torch.float64)
+    m = TrainStep(hyper, table).step(x, y, torch.tensor([0, 1]), weight=w)
+    assert m["samples"] == 0 and m["loss"] != m["loss"]  # NaN means
+    assert torch.equal(table.values(), before)
+    assert table.step_counts().tolist() == [0] * 5
+
+
+def test_loss_decreases_on_a_tiny_problem():
+    hyper, table = make_setup(seed=6, dtype=torch.float32, n=4)
+    x, y = make_batch(4, seed=6, dtype=torch.float32)
+    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.1)
+    losses = [step.step(x, y, torch.arange(4))["loss"] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(k in step.step(x, y, torch.arange(4)) for k in METRIC_KEYS)
+
+
+def test_optimizer_state_round_trip_is_bit_identical():
+    hyper, table = make_setup(seed=7, dtype=torch.float32)
+    x, y = make_batch(3, seed=7, dtype=torch.float32)
+    index = torch.tensor([1, 3, 4])
+    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.5)
+    step.step(x, y, index)
+    step.step(x, y, torch.tensor([0, 1, 2]))
+
+    blobs = {}
+    for name, state in (("h", hyper.state_dict()), ("lat", table.state_dict()), ("opt", step.state_dict())):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        blobs[name] = torch.load(buf, weights_only=True)
+
+    hyper2, table2 = make_setup(seed=99, dtype=torch.float32)
+    hyper2.load_state_dict(blobs["h"])
+    table2.load_state_dict(blobs["lat"])
+    step2 = TrainStep(hyper2, table2, lr=1e-3, l1_weight=123.0)
+    step2.load_state_dict(blobs["opt"])
+    assert step2.l1_weight == 0.5
+
+    m1 = step.step(x, y, index)
+    m2 = step2.step(x, y, index)
+    assert m1 == m2
+    for p, q in zip(hyper.parameters(), hyper2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(table.values(), table2.values())
+
+
+def test_calibrate_l1_measures_without_side_effects():
+    hyper, table = make_setup(seed=8)
+    x, y = make_batch(3, seed=8)
+    index = torch.tensor([0, 1, 2])
+    step = TrainStep(hyper, table)
+    params = [p.detach().clone() for p in hyper.parameters()]
+    values = table.values()
+    value = step.calibrate_l1(x, y, index)
+    assert all(p.grad is None for p in hyper.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(hyper.parameters(), params, strict=True))
+    assert torch.equal(table.values(), values) and table.step_counts().sum() == 0
+    # The same number by hand: per-sample ‖∂seg_n/∂λ_n‖₂, averaged.
+    lam = values[index].clone().requires_grad_(True)
+    seg = seg_loss_terms(batched_forward(hyper.primary, hyper.unflatten(hyper(lam)), x), y).seg
+    (grad,) = torch.autograd.grad(seg.sum(), lam)
+    assert value == pytest.approx(grad.norm(dim=1).mean().item(), rel=1e-10)
+    assert value > 0
+
+
+def test_step_rejects_inconsistent_batches():
+    hyper, table = make_setup()
+    x, y = make_batch(2)
+    step = TrainStep(hyper, table)
+    with pytest.raises(ModelError, match="batch size"):
+        step.step(x, y, torch.tensor([0, 1, 2]))
+    with pytest.raises(ModelError, match="weight must have shape"):
+        step.step(x, y, torch.tensor([0, 1]), weight=torch.ones(3))
+    with pytest.raises(ModelError, match=">= 0"):
+        step.step(x, y, torch.tensor([0, 1]), weight=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ModelError, match="latent_dim"):
+        TrainStep(hyper, LatentTable(range(3), dim=3, dtype=torch.float64))
+    with pytest.raises(ModelError, match="not in this latent table"):
+        step.step(x, y, torch.tensor([0, 17]))
