@@ -144,12 +144,23 @@ def analyze(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by `hypersort train`.")],
     truth: Annotated[Path | None, typer.Option(help="Truth CSV (index/case_id + columns).")] = None,
     overrides: SetFlag = None,
+    baselines: Annotated[
+        bool, typer.Option("--baselines", help="Also train k-fold plain UNets: Test-Dice and cleanlab scores.")
+    ] = False,
+    latent_only: Annotated[
+        bool, typer.Option("--latent-only", help="Skip the model-based scores and thumbnails (fast).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Styles (HDBSCAN), suspicion ranking, metrics vs truth, latent maps and the curation report."""
-    from hypersort_ray.analysis.run import analyze_run
+    if latent_only:
+        from hypersort_ray.analysis.run import analyze_run
 
-    _emit(analyze_run(run_dir, truth=truth, overrides=overrides, progress=True), as_json)
+        _emit(analyze_run(run_dir, truth=truth, overrides=overrides, progress=True), as_json)
+        return
+    from hypersort_ray.analysis.model_scores import analyze_with_model
+
+    _emit(analyze_with_model(run_dir, truth=truth, overrides=overrides, progress=True, baselines=baselines), as_json)
 
 
 @app.command()

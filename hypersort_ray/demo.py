@@ -39,7 +39,7 @@ def _reuse_or_synth(data: Path, cases: int, size: int, console: Console) -> None
 
 def run_demo(out: Path, *, cases: int = 60, size: int = 32, epochs: int | None = None, workers: int = 2) -> dict[str, Any]:
     """Run the main job end to end on the embedded defaults and return its summary."""
-    from hypersort_ray.analysis.run import analyze_run
+    from hypersort_ray.analysis.model_scores import analyze_with_model
     from hypersort_ray.tracking.registry import register_run
     from hypersort_ray.train.trainer import run_training
 
@@ -60,6 +60,7 @@ def run_demo(out: Path, *, cases: int = 60, size: int = 32, epochs: int | None =
         "data.cache=disk",
         f"data.cache_dir={out / 'cache'}",
         f"name={DEMO_MODEL_NAME}",
+        "analysis.run_after_training=false",  # phase 3 runs it with progress
     ]
     base = load_config(None)
     if size != base.preprocessing.roi_size[0]:
@@ -73,7 +74,7 @@ def run_demo(out: Path, *, cases: int = 60, size: int = 32, epochs: int | None =
     console.print(f"done in {time.time() - t:.0f} s")
 
     t = _phase(console, 3, "analysis: styles, suspicion ranking, report")
-    analysis = analyze_run(run_dir, truth=data / "truth.csv", progress=True)
+    analysis = analyze_with_model(run_dir, truth=data / "truth.csv", progress=True)
     console.print(f"done in {time.time() - t:.0f} s")
 
     t = _phase(console, 4, "registering the model in the embedded MLflow registry")

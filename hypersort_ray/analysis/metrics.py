@@ -12,6 +12,18 @@ the paper's Fig. 2: the mean direction of each kind relative to the main style's
 eroded and dilated sit on opposite sides (cosine < 0). Undefined numbers (one class only, constant
 scores) are ``null`` with a note, never an error.
 
+``metrics.json``::
+
+    {"truth": {source, joined_on, kind_column, numeric_column, numeric_columns, clean_value,
+               n_evaluated, n_missing_truth, missing_truth_case_ids},
+     "counts": {kind: n}, "n_perturbed": int, "n_clean": int,
+     "scores": {column: {n, auroc, average_precision, spearman, spearman_p,
+                         spearman_by_column: {numeric column: {rho, p}}, auroc_by_kind: {kind: auroc}}},
+     "styles": {target, ari, ari_without_outliers, crosstab: {kind: {style: n}},
+                majority_style: {kind: style}, eroded_dilated_separated: bool},
+     "directions": {reference, cosines: {"a|b": cos}, opposite_sides: {kinds, cosine, opposite} | null},
+     "notes": [str]}
+
 Example:
     >>> import pandas as pd
     >>> truth = pd.DataFrame({"index": [0, 1, 2], "perturbation": ["none", "eroded", "none"]})
@@ -449,7 +461,8 @@ def compute_metrics(
     aligned_styles = styles[rows]
     doc["styles"] = _style_metrics(aligned_styles, truth, main_key)
     if kinds is not None:
-        cosines = direction_cosines(latents[rows], kinds, main_centroid, exclude=truth.clean_value)
+        clean = truth.clean_value if truth.kind_column is not None else "clean"
+        cosines = direction_cosines(latents[rows], kinds, main_centroid, exclude=clean)
         opposite = None
         for a, b in OPPOSITE_PAIRS:
             key = f"{a}|{b}" if a < b else f"{b}|{a}"

@@ -58,6 +58,7 @@ __all__ = [
     "load_run_cases",
     "make_predictor",
     "model_scores",
+    "analyze_with_model",
     "read_run_latents",
     "run_epochs",
     "segment",
@@ -354,3 +355,39 @@ def make_predictor(
         return {int(i): model.predict(by_index[int(i)].image, **kwargs)["mask"] for i in indices}
 
     return predictor
+
+
+def analyze_with_model(
+    run_dir: str | Path,
+    truth: Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    *,
+    baselines: bool = False,
+) -> dict[str, Any]:
+    """``hypersort analyze``: latent-geometry scores plus the model-based ones (and, on request, the
+    out-of-fold baselines at equal compute), thumbnails with main-style predictions, the report."""
+    import pandas as pd
+
+    from hypersort_ray.analysis.run import analyze_run
+    from hypersort_ray.inference import load_model
+
+    run_dir = Path(run_dir)
+    model = load_model(run_dir)
+    extra = model_scores(run_dir, progress=progress, model=model)
+    if baselines:
+        from hypersort_ray.analysis.baselines import run_baselines
+
+        extra = extra.merge(run_baselines(run_dir, progress=progress).drop(columns="case_id"), on="index")
+    elif (run_dir / "analysis" / "baselines.csv").is_file():
+        previous = pd.read_csv(run_dir / "analysis" / "baselines.csv")
+        keep = [c for c in previous.columns if c not in ("case_id",)]
+        extra = extra.merge(previous[keep], on="index", how="left")
+    return analyze_run(
+        run_dir,
+        truth=truth,
+        overrides=overrides,
+        progress=progress,
+        predictor=make_predictor(run_dir, model=model),
+        extra_scores=extra,
+    )

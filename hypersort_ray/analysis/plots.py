@@ -52,10 +52,11 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _png(fig: Figure, dpi: int = 110) -> bytes:
+def _png(fig: Figure, dpi: int = 110, tight: bool = False) -> bytes:
+    """Render through the Agg canvas; ``tight`` trims margins at the cost of an extra layout pass."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return buf.getvalue()
 
 
@@ -188,7 +189,7 @@ def latent_map_png(
         ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
-    return _png(fig)
+    return _png(fig, tight=True)
 
 
 _HOVER_JS = """

@@ -413,6 +413,16 @@ def analyze_run(
     history, history_note = _read_history(run_dir)
     notes = [history_note] if history_note else []
     truth_path = resolve_truth_path(cfg, run_dir, truth)
+    aligned = None
+    if truth_path is not None:
+        # Read the truth first: a bad file should fail before any expensive model-based work.
+        frame = read_truth_csv(truth_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            aligned = align_truth(frame, indices, case_ids, source=str(truth_path))
+        for w in caught:
+            notes.append(str(w.message))
+            warnings.warn(w.message, stacklevel=2)
 
     _say(progress, f"styles of {len(indices)} latents (d = {latents.shape[1]})")
     model = discover_styles(
@@ -428,29 +438,25 @@ def analyze_run(
     if cases_note:
         notes.append(cases_note)
     extra = _merge_extra_scores(extra_scores, indices)
-    if predictor is not None and cases and "main_style_disagreement" not in extra:
-        extra["main_style_disagreement"] = _main_style_disagreement(predictor, cases, indices, cfg, progress)
-    elif predictor is None:
+    if predictor is None:
         notes.append("no model predictor given: model-based scores and prediction thumbnails skipped")
-    else:
+    elif not cases:
         notes.append(
             "a model predictor was given but the datalist is unavailable: model-based scores skipped"
         )
-    table = suspicion_table(
-        indices, case_ids, latents, model.outlier_scores, model.keys, extra, rank_by=rank_by
-    )
+    elif "main_style_disagreement" not in extra:
+        extra["main_style_disagreement"] = _main_style_disagreement(predictor, cases, indices, cfg, progress)
+    try:
+        table = suspicion_table(
+            indices, case_ids, latents, model.outlier_scores, model.keys, extra, rank_by=rank_by
+        )
+    except ValueError as exc:
+        raise ConfigError(f"analysis ranking: {exc}") from None
 
     metrics = None
     kinds_run_order = None
-    if truth_path is not None:
+    if aligned is not None:
         _say(progress, f"metrics vs {truth_path}")
-        frame = read_truth_csv(truth_path)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            aligned = align_truth(frame, indices, case_ids, source=str(truth_path))
-        for w in caught:
-            notes.append(str(w.message))
-            warnings.warn(w.message, stacklevel=2)
         metrics = compute_metrics(table, aligned, latents, model.keys, np.asarray(model.main.centroid))
         if aligned.kinds is not None:
             kinds_run_order = np.full(len(indices), "?", dtype=object)

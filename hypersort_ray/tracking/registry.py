@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -126,7 +127,9 @@ def _numbers(data: Mapping[str, Any], prefix: str, keys: Sequence[str] | None = 
         if isinstance(value, Mapping) and keys is None:
             out.update(_numbers(value, f"{prefix}{key}.", None))
         elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            out[f"{prefix}{key}"] = f"{value:.6g}" if isinstance(value, float) else str(value)
+            # MLflow keys allow alphanumerics, _ - . space : / only (metrics.json has e.g. "dilated|eroded").
+            name = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{key}")
+            out[name] = f"{value:.6g}" if isinstance(value, float) else str(value)
     return out
 
 

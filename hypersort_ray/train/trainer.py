@@ -150,13 +150,13 @@ def _make_run_folder_callback(run_dir: Path, cfg: ExperimentConfig, logger, case
 
 
 def _latent_map_png(run_dir: Path, epoch: int) -> Path | None:
-    try:
-        from hypersort_ray.analysis.plots import quick_latent_map
-    except ImportError:
-        return None
+    from hypersort_ray.analysis.plots import latent_map_png
+    from hypersort_ray.train.latents_io import read_latents_csv
+
+    _, ids, values = read_latents_csv(run_dir / "latents.csv")
     out = run_dir / "latent_maps" / f"latent_map_epoch_{epoch:04d}.png"
     out.parent.mkdir(exist_ok=True)
-    quick_latent_map(run_dir / "latents.csv", out, title=f"latents, epoch {epoch}")
+    out.write_bytes(latent_map_png(values, ["all"] * len(ids), ids, title=f"Latents, epoch {epoch}"))
     return out
 
 
@@ -336,7 +336,32 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, *, progress:
         raise HypersortError(f"training finished without a checkpoint (see {run_dir / 'ray_results'})")
     summary = finalize_run(run_dir, result.checkpoint, cases, logger, seconds=time.time() - t0)
     logger.end("FINISHED")
+    summary.update(_after_training(cfg, run_dir, logger))
     return summary
+
+
+def _after_training(cfg: ExperimentConfig, run_dir: Path, logger) -> dict[str, Any]:
+    """Analysis and registration at the end of training; failures warn, never lose the run."""
+    import warnings
+
+    out: dict[str, Any] = {}
+    if cfg.analysis.run_after_training:
+        try:
+            from hypersort_ray.analysis.model_scores import analyze_with_model
+
+            analysis = analyze_with_model(run_dir, progress=False)
+            out["report"] = str(run_dir / "analysis" / "report.html")
+            out["n_styles"] = analysis.get("n_styles")
+            logger.log_artifact(run_dir / "analysis", "analysis")
+        except Exception as exc:  # noqa: BLE001 - the trained model is already safe on disk
+            warnings.warn(f"analysis after training failed ({exc}); run `hypersort analyze {run_dir}`", RuntimeWarning, stacklevel=2)
+    if cfg.tracking.register_as:
+        from hypersort_ray.tracking.registry import auto_register
+
+        reg = auto_register(cfg, run_dir)
+        if reg:
+            out["model_uri"] = reg.get("model_uri")
+    return out
 
 
 def finalize_run(run_dir: Path, checkpoint, cases, logger, *, seconds: float) -> dict[str, Any]:

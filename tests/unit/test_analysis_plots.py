@@ -81,7 +81,8 @@ def test_latent_map_html_is_self_contained_with_hover():
     assert page.startswith("<!DOCTYPE html>")
     assert not external_refs(page)
     assert "Plotly" in page  # plotly.js is inlined, not loaded
-    assert "plotly_hover" in page and "hs-thumb" in page and thumb in page
+    assert "plotly_hover" in page and "hs-thumb" in page
+    assert thumb.replace("/", "\\u002f") in page  # plotly's JSON escapes "/"
     assert "c35" in page and "latent_norm" in page and "outlier_score" in page
 
 

@@ -239,3 +239,17 @@ def test_dice():
     assert dice(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])) == pytest.approx(2 / 3)
     assert dice(np.zeros(3), np.zeros(3)) == 1.0
     assert dice(np.array([1, 2, 2]), np.array([1, 2, 0]), num_classes=3) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_extra_scores_and_ranking_column(tmp_path):
+    run = _make_run(tmp_path, with_data=False)
+    extra = pd.DataFrame(
+        {"index": np.arange(N), "case_id": "x", "own_vs_main_disagreement": np.linspace(0, 1, N)}
+    )
+    with pytest.raises(ConfigError, match="cannot rank by 'nope'"):
+        analyze_run(run, rank_by="nope")
+    summary = analyze_run(run, extra_scores=extra, rank_by="own_vs_main_disagreement")
+    table = pd.read_csv(run / "analysis" / "suspicion.csv")
+    assert list(table.columns)[-1] == "own_vs_main_disagreement"
+    assert table["index"].tolist() == list(range(N - 1, -1, -1))
+    assert summary["rank_by"] == "own_vs_main_disagreement"

@@ -162,3 +162,11 @@ def test_flatten_is_dotted():
     flat = flatten(ExperimentConfig().model_dump(mode="json"))
     assert flat["model.hypernet.latent_dim"] == 2
     assert "training.latent.lr" in flat
+
+
+def test_configuration_reference_is_current():
+    from hypersort_ray.config_docs import render
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == render(), (
+        "docs/configuration.md is stale: python -m hypersort_ray.config_docs > docs/configuration.md"
+    )
