@@ -16,8 +16,10 @@ Usage::
     python benchmarks/train_step.py --size 32 --batch 4 --network paper --json out.json [--steps 3]
 
 Prints a table and writes ``{"ours": {"samples_per_s", "peak_rss_mb", ...}, "naive": {...},
-"plain_unet": {...}, "config": {...}}``. On a shared machine rerun when numbers look noisy: the table
-also shows CPU time per sample, which other processes disturb less than wall time.
+"plain_unet": {...}, "config": {...}}``. On a shared machine use ``--repeat R``: the variants run
+interleaved R times and the best run of each is reported (``*_runs`` keep every run); the table also
+shows CPU time per sample, which other processes disturb less than wall time (but not at all reliably
+when the machine is oversubscribed: the load average at start and end is recorded in ``config``).
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ def _table(results: dict[str, dict[str, Any]], config: dict[str, Any]) -> str:
     unit = "peak_cuda_mb" if config["device"] == "cuda" else "peak_rss_mb"
     lines = [
         f"network={config['network']} size={config['size']}^3 batch={config['batch']} steps={config['steps']} "
-        f"device={config['device']} threads={results['ours'].get('threads')}",
+        f"repeat={config['repeat']} device={config['device']} threads={results['ours'].get('threads')} "
+        f"load avg {config['load_avg_start']:.1f} -> {config['load_avg_end']:.1f}",
         f"{'variant':<11} {'samples/s':>10} {'s/sample':>9} {'cpu s/sample':>13} {unit:>12}",
     ]
     for name in VARIANTS:
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--network", choices=sorted(NETWORKS), default="paper")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (batches) per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per variant; best reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
@@ -283,13 +287,24 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
+        "repeat": args.repeat,
         "device": args.device,
         "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "load_avg_start": os.getloadavg()[0],
     }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants.split(",")}
+    for _ in range(args.repeat):
+        for variant in runs:
+            runs[variant].append(_spawn(args, variant))
     results: dict[str, Any] = {}
-    for variant in args.variants.split(","):
-        results[variant] = _spawn(args, variant)
+    for variant, rs in runs.items():
+        best = max(rs, key=lambda r: r["samples_per_s"])
+        results[variant] = {
+            **best,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "samples_per_s_runs": [r["samples_per_s"] for r in rs],
+            "cpu_s_per_sample_runs": [r["cpu_s_per_sample"] for r in rs],
+        }
     config["load_avg_end"] = os.getloadavg()[0]
     results["config"] = config
     if all(v in results for v in VARIANTS):

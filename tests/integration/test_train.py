@@ -41,7 +41,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synth"
-    generate_dataset(out, cases=6, size=16, seed=3)
+    generate_dataset(out, cases=8, size=16, seed=3)  # N >= 8: one eroded, one dilated
     return out / "datalist.tsv"
 
 
@@ -61,10 +61,10 @@ def test_two_workers_write_a_complete_run_folder(ray_local, tiny_data, tmp_path)
     for name in ("config.yaml", "latents.csv", "history.csv", "train_summary.json", "checkpoint/meta.json"):
         assert (run / name).is_file(), name
     idx, ids, values = read_latents_csv(run / "latents.csv")
-    assert idx.tolist() == list(range(6)) and values.shape == (6, 2)
+    assert idx.tolist() == list(range(8)) and values.shape == (8, 2)
     ck = load_checkpoint(run / "checkpoint")  # loads without Ray
     assert ck.epoch == 2 and ck.meta["world_size"] == 2
-    assert sorted(ck.latents["indices"].tolist()) == list(range(6))
+    assert sorted(ck.latents["indices"].tolist()) == list(range(8))
     assert len(list((run / "checkpoint").glob("latents_rank*.safetensors"))) == 2
     np.testing.assert_allclose(values, ck.latents["values"].numpy(), rtol=0, atol=1e-7)
 
@@ -111,8 +111,8 @@ def test_worker_failure_resumes_from_checkpoint_with_every_latent_intact(ray_loc
 
     ref, got = load_checkpoint(tmp_path / "clean" / "checkpoint"), load_checkpoint(tmp_path / "faulty" / "checkpoint")
     # nothing lost, nothing duplicated: every sample exactly once, one Adam step per epoch each
-    assert sorted(got.latents["indices"].tolist()) == list(range(6))
-    assert got.latents["step"].tolist() == [3] * 6
+    assert sorted(got.latents["indices"].tolist()) == list(range(8))
+    assert got.latents["step"].tolist() == [3] * 8
     # and the restart replayed epoch 2 from the epoch-1 checkpoint: same result as the clean run
     oa, ob = torch.argsort(ref.latents["indices"]), torch.argsort(got.latents["indices"])
     torch.testing.assert_close(ref.latents["values"][oa], got.latents["values"][ob], rtol=1e-5, atol=1e-6)
@@ -132,8 +132,8 @@ def test_resume_with_a_different_world_size(ray_local, tiny_data, tmp_path):
     summary = run_training(second, progress=False)
     ck = load_checkpoint(tmp_path / "b" / "checkpoint")
     assert summary["epochs"] == 2 and ck.meta["world_size"] == 1
-    assert sorted(ck.latents["indices"].tolist()) == list(range(6))
-    assert ck.latents["step"].tolist() == [2] * 6
+    assert sorted(ck.latents["indices"].tolist()) == list(range(8))
+    assert ck.latents["step"].tolist() == [2] * 8
     assert [int(h["epoch"]) for h in ck.extra["history"]] == [1, 2]
 
 
@@ -156,8 +156,8 @@ def test_mlflow_server_down_warns_and_training_finishes(ray_local, tiny_data, tm
 def test_more_workers_than_cases_is_a_config_error(tiny_data, tmp_path):
     from hypersort_ray.train.trainer import run_training
 
-    with pytest.raises(ConfigError, match=r"num_workers = 8 exceeds the number of training cases \(6\)"):
-        run_training(_cfg(tiny_data, tmp_path / "run", "training.scaling.num_workers=8"), progress=False)
+    with pytest.raises(ConfigError, match=r"num_workers = 9 exceeds the number of training cases \(8\)"):
+        run_training(_cfg(tiny_data, tmp_path / "run", "training.scaling.num_workers=9"), progress=False)
 
 
 def test_uneven_shards_keep_step_counts_equal():
