@@ -135,3 +135,37 @@ def test_convert_reference_latents():
         convert_reference_latents({0: torch.zeros(1, 2), 1: torch.zeros(1, 3)})
     with pytest.raises(ModelError, match="not a sample index"):
         convert_reference_latents({"case_a": torch.zeros(1, 2)})
+
+
+def test_import_reference_run_gives_a_loadable_run_folder(tmp_path, setup):
+    """`hypersort import-reference`: reference files on disk -> run folder -> same UNet output."""
+    from hypersort_ray.inference import load_model
+    from hypersort_ray.reference import import_reference_run
+    from hypersort_ray.train.latents_io import read_latents_csv
+
+    unet, sd = setup
+    torch.save(sd, tmp_path / "model_w.pt")
+    lat = {i: torch.randn(1, LATENT_DIM) * 0.3 for i in range(3)}
+    torch.save(lat, tmp_path / "latent_dict.pt")
+    (tmp_path / "REF.yaml").write_text(
+        "OutputPath: ./Results/x\nDataFile: ./missing.txt\n"
+        "Pipeline:\n  - Resample: {resolution: [2, 2, 2]}\n  - CenterROISampler: {roi_size: [16, 16, 16]}\n"
+        f"ModelConfig:\n  HyperNetworkLayers: {[LATENT_DIM, *HIDDEN]}\n"
+        "  UNet: {in_c: 1, out_c: 2, n_down: 2, n_fix: 2, C: 4, n_dim: 3}\n"
+    )
+    result = import_reference_run(tmp_path / "model_w.pt", tmp_path / "latent_dict.pt", tmp_path / "REF.yaml",
+                                  tmp_path / "run")
+    assert result["num_samples"] == 3
+    idx, _, values = read_latents_csv(tmp_path / "run" / "latents.csv")
+    assert idx.tolist() == [0, 1, 2]
+    torch.testing.assert_close(torch.as_tensor(values, dtype=torch.float32), torch.cat([lat[i] for i in range(3)]))
+    model = load_model(tmp_path / "run")
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ours = model.unet_for(lat[1].reshape(-1).tolist())(x)
+        ref = reference_forward(sd, unet, lat[1].reshape(-1), x)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+    torch.save({"not": "a latent dict"}, tmp_path / "bad.pt")
+    with pytest.raises(ModelError):
+        import_reference_run(tmp_path / "model_w.pt", tmp_path / "bad.pt", tmp_path / "REF.yaml", tmp_path / "run2")
