@@ -34,9 +34,7 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +49,7 @@ from hypersort_ray.analysis.model_scores import (
     run_epochs,
     segment,
 )
+from hypersort_ray.atomic import atomic_write_text
 from hypersort_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -264,21 +263,11 @@ def run_baselines(
     return df
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_baselines(run_dir: str | Path, df: pd.DataFrame) -> Path:
     """Write ``RUN_DIR/analysis/baselines.csv`` (and ``baselines.json`` with ``df.attrs``) atomically."""
     out = Path(run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "baselines.csv"
-    _atomic_text(path, df.to_csv(index=False, float_format="%.6g"))
-    _atomic_text(out / "baselines.json", json.dumps(dict(df.attrs), indent=2, default=str) + "\n")
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "baselines.json", json.dumps(dict(df.attrs), indent=2, default=str) + "\n")
     return path

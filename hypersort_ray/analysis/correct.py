@@ -155,19 +155,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- labels
-def _to_classes(raw: np.ndarray, cfg: LabelConfig) -> np.ndarray:
-    """Raw label values → class indices (numpy twin of ``MapLabelsd``)."""
-    values = np.round(raw)
-    if cfg.class_map:
-        out = np.zeros(values.shape, dtype=np.int64)
-        for value, cls in cfg.class_map.items():
-            out[values == value] = cls
-        return out
-    if cfg.foreground is not None:
-        return np.isin(values, np.asarray(cfg.foreground)).astype(np.int64)
-    return (values > 0).astype(np.int64)
-
-
 def _class_values(raw: np.ndarray, given: np.ndarray, cfg: LabelConfig, num_classes: int) -> dict[int, float]:
     """The label value written for each foreground class (module docstring)."""
     if cfg.class_map:
@@ -185,7 +172,9 @@ def _class_values(raw: np.ndarray, given: np.ndarray, cfg: LabelConfig, num_clas
 def _corrected_label(
     raw: np.ndarray, pred: np.ndarray, cfg: LabelConfig, num_classes: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    given = _to_classes(raw, cfg)
+    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
+
+    given = map_label_values(raw, cfg)
     corrected = np.array(raw, copy=True)
     differs = pred.astype(np.int64) != given
     corrected[differs & (pred == 0)] = 0

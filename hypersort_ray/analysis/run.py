@@ -45,15 +45,14 @@ import pandas as pd
 from pydantic import ValidationError
 
 from hypersort_ray.analysis import plots
-from hypersort_ray.analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hypersort_ray.analysis.metrics import align_truth, compute_metrics, read_truth_csv
 from hypersort_ray.analysis.report import CaseThumbnail, ReportInputs, build_report
 from hypersort_ray.analysis.scores import DEFAULT_RANK_BY, suspicion_table, write_suspicion_csv
 from hypersort_ray.analysis.styles import StyleModel, discover_styles
+from hypersort_ray.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hypersort_ray.config import (
     AnalysisConfig,
     ExperimentConfig,
-    LabelConfig,
     apply_overrides,
     format_validation_error,
     load_config,
@@ -220,19 +219,6 @@ def _load_cases(
 
 
 # ------------------------------------------------------------------------------------ model hooks
-def _label_classes(raw: np.ndarray, label_cfg: LabelConfig) -> np.ndarray:
-    """Label file values -> class indices, the way training mapped them."""
-    raw = np.asarray(raw)
-    if label_cfg.class_map:
-        out = np.zeros(raw.shape, dtype=np.int64)
-        for value, cls in label_cfg.class_map.items():
-            out[raw == value] = cls
-        return out
-    if label_cfg.foreground is not None:
-        return np.isin(raw, label_cfg.foreground).astype(np.int64)
-    return (raw > 0).astype(np.int64)
-
-
 def dice(a: np.ndarray, b: np.ndarray, num_classes: int = 2) -> float:
     """Mean Dice over foreground classes present in either map (1.0 when none is).
 
@@ -278,6 +264,8 @@ def _main_style_disagreement(
     predictor: Predictor, cases: Mapping[int, Any], indices: np.ndarray, cfg: ExperimentConfig, progress: bool
 ) -> np.ndarray:
     """1 - Dice(main-style prediction, given label) per case (NaN where the case has no files)."""
+    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
+
     label_cfg = cfg.preprocessing.label
     k = label_cfg.num_classes
     values = np.full(len(indices), np.nan)
@@ -288,7 +276,7 @@ def _main_style_disagreement(
         preds = _predict(predictor, "main", [i for _, i in chunk])
         for row, index in chunk:
             case = cases[index]
-            label = _label_classes(_read_volume(case.label, "label", case.case_id), label_cfg)
+            label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
             pred = np.asarray(preds[index])
             if pred.shape != label.shape:
                 raise DataError(
@@ -323,6 +311,8 @@ def _thumbnails(
     notes: list[str],
 ) -> dict[int, CaseThumbnail]:
     """Slice montages of the given run rows (image | label | main-style prediction)."""
+    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
+
     wanted = [int(indices[r]) for r in rows if int(indices[r]) in cases]
     preds: Mapping[int, np.ndarray] = _predict(predictor, "main", wanted) if predictor and wanted else {}
     label_cfg = cfg.preprocessing.label
@@ -331,7 +321,7 @@ def _thumbnails(
         case = cases[index]
         try:
             image = _read_volume(case.image, "image", case.case_id).astype(np.float32)
-            label = _label_classes(_read_volume(case.label, "label", case.case_id), label_cfg)
+            label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
         except DataError as exc:
             notes.append(f"thumbnail skipped: {exc}")
             continue

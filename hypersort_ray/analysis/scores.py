@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hypersort_ray.analysis._io import atomic_write_text
+from hypersort_ray.atomic import atomic_write_text
 
 __all__ = [
     "BASE_COLUMNS",

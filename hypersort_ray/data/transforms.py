@@ -86,6 +86,22 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 # ------------------------------------------------------------------------------- custom transforms
+def map_label_values(raw: np.ndarray, cfg: LabelConfig) -> np.ndarray:
+    """Label file values -> class indices (int64), the numpy twin of :class:`MapLabelsd`.
+
+    Analysis and correction use it to compare given labels with predictions the way training saw them.
+    """
+    values = np.round(np.asarray(raw))
+    if cfg.class_map:
+        out = np.zeros(values.shape, dtype=np.int64)
+        for value, cls in cfg.class_map.items():
+            out[values == value] = cls
+        return out
+    if cfg.foreground is not None:
+        return np.isin(values, np.asarray(cfg.foreground)).astype(np.int64)
+    return (values > 0).astype(np.int64)
+
+
 class MapLabelsd(MapTransform):
     """Map raw label values to class indices as configured by :class:`LabelConfig`.
 

@@ -62,6 +62,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from hypersort_ray.atomic import atomic_write_bytes
 from hypersort_ray.config import ExperimentConfig, config_to_yaml, load_config
 from hypersort_ray.errors import ConfigError, HypersortError, ModelError, RunError
 from hypersort_ray.model.latents import LatentTable
@@ -208,22 +209,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` via a temporary file + ``os.replace``; return its sha256.
-
-    A reader sees either the old file or the complete new one, never a torn write.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` atomically (a reader sees the old file or the complete new one); return its sha256."""
+    atomic_write_bytes(path, data)
+    _fsync_dir(Path(path).parent)
     return _sha256(data)
 
 

@@ -1,4 +1,5 @@
-"""Small file helpers shared by the analysis modules: atomic writes, JSON with numpy values."""
+"""Atomic file writes (temp file + fsync + ``os.replace``) shared by checkpoints, latent tables and
+analysis outputs, and JSON with numpy values."""
 
 from __future__ import annotations
 
