@@ -3,7 +3,9 @@
 Three variants, each in a fresh subprocess (so peak RSS is per variant), warm-up steps excluded:
 
 * ``ours`` — :class:`hypersort_ray.model.step.TrainStep`: fused hyper-network output layer, B samples
-  per step via grouped convolutions, one fused-Adam step of H per batch, row-sparse latent Adam.
+  per step via grouped convolutions (weight gradients of large maps by a forward convolution), one
+  fused-Adam step of H per batch, row-sparse latent Adam; ``--micro-batch m`` runs the primary network
+  m samples at a time (less activation memory, same result).
 * ``naive`` — what the reference code does, written here from its description: one sample per step,
   one ``torch.optim.Adam`` per latent, a hyper-network with one head per primary parameter, and the
   primary network's Parameters deleted and replaced by generated tensors through attribute assignment
@@ -71,7 +73,7 @@ def _ours(args: argparse.Namespace, device: Any):
     B = args.batch
     hyper = HyperNetwork(_unet(args), latent_dim=LATENT_DIM, hidden=HIDDEN).to(device)
     table = LatentTable(range(B), dim=LATENT_DIM, device=device)
-    step = TrainStep(hyper, table, lr=1e-4, l1_weight=1.0)
+    step = TrainStep(hyper, table, lr=1e-4, l1_weight=1.0, micro_batch=args.micro_batch)
     x, y = _data(args, B, device)
     index = torch.arange(B, device=device)
 
@@ -229,6 +231,8 @@ def _spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "--device",
         args.device,
     ]
+    if args.micro_batch:
+        cmd += ["--micro-batch", str(args.micro_batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -269,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per variant; best reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="ours: primary network on this many samples at a time"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "repeat": args.repeat,
+        "micro_batch": args.micro_batch,
         "device": args.device,
         "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "load_avg_start": os.getloadavg()[0],

@@ -71,6 +71,9 @@ class TrainStep:
         hyper_module: the module called for H's forward — a ``DistributedDataParallel`` wrapper of
             ``hyper`` in distributed training (its backward all-reduces H's gradients); default ``hyper``.
         method: primary-network evaluation (see :func:`~hypersort_ray.model.functional.batched_forward`).
+        micro_batch: evaluate the primary network on at most this many samples at a time (activation
+            memory of a micro-batch; H still runs and steps once per batch, results unchanged up to
+            rounding). None: the whole batch at once.
 
     Example:
         >>> import torch
@@ -99,6 +102,7 @@ class TrainStep:
         channels_last: bool = False,
         hyper_module: nn.Module | None = None,
         method: Method = "auto",
+        micro_batch: int | None = None,
     ) -> None:
         if not isinstance(hyper, HyperNetwork):
             raise ModelError(f"TrainStep: hyper must be a HyperNetwork, got {type(hyper).__name__}")
@@ -125,6 +129,9 @@ class TrainStep:
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.method: Method = method
+        if micro_batch is not None and int(micro_batch) < 1:
+            raise ModelError(f"TrainStep: micro_batch must be >= 1 or None, got {micro_batch}")
+        self.micro_batch = int(micro_batch) if micro_batch is not None else None
         self.optimizer = torch.optim.Adam(
             [p for p in hyper.parameters() if p.requires_grad],
             lr=lr,
@@ -166,10 +173,10 @@ class TrainStep:
             )
         return index
 
-    def _forward(self, lam: Tensor, image: Tensor, label: Tensor, hyper: nn.Module):
-        """Per-sample seg-loss terms and logits for latents ``lam`` (on H's device)."""
-        params = self.hyper.unflatten(hyper(lam))
-        image = image.to(device=self._device, dtype=lam.dtype, non_blocking=True)
+    def _primary(self, flat: Tensor, image: Tensor, label: Tensor) -> tuple[Any, Tensor]:
+        """Per-sample seg-loss terms and hard Dice for generated parameters ``flat`` ``[b, P]``."""
+        params = self.hyper.unflatten(flat)
+        image = image.to(device=self._device, dtype=flat.dtype, non_blocking=True)
         logits = batched_forward(
             self.hyper.primary,
             params,
@@ -178,9 +185,34 @@ class TrainStep:
             channels_last=self.channels_last,
             bf16=self.precision == "bf16",
         )
-        logits = logits.to(lam.dtype)
+        logits = logits.to(flat.dtype)
         label = label.to(device=self._device, non_blocking=True)
-        return seg_loss_terms(logits, label), logits, label
+        return seg_loss_terms(logits, label), hard_dice(logits.detach(), label).to(flat.dtype)
+
+    def _seg_backward(
+        self, flat: Tensor, image: Tensor, label: Tensor, w: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Run the primary network on micro-batches and back-propagate ``Σ w_n seg_n`` to ``flat`` only.
+
+        Returns ``(∂/∂flat, seg, dice_loss, ce, hard_dice)``, the last four detached ``[B]``. The primary
+        network's activations live for one micro-batch at a time; H's backward (one call, so DDP
+        all-reduces once) is left to the caller.
+        """
+        B = flat.shape[0]
+        size = self.micro_batch or B
+        grads, seg, dice, ce, hard = [], [], [], [], []
+        for start in range(0, B, size):
+            part = slice(start, min(B, start + size))
+            leaf = flat.detach()[part].requires_grad_(True)
+            terms, hard_part = self._primary(leaf, image[part], label[part])
+            (w[part] * terms.seg).sum().backward()
+            grads.append(leaf.grad)
+            seg.append(terms.seg.detach())
+            dice.append(terms.dice.detach())
+            ce.append(terms.ce.detach())
+            hard.append(hard_part)
+        grad = grads[0] if len(grads) == 1 else torch.cat(grads)
+        return grad, torch.cat(seg), torch.cat(dice), torch.cat(ce), torch.cat(hard)
 
     # ------------------------------------------------------------------------------- public
     def step(
@@ -211,32 +243,29 @@ class TrainStep:
 
         lam_leaf = self.latents.gather(index)
         lam = lam_leaf.to(device=self._device, dtype=self.hyper.out.weight.dtype)
-        terms, logits, label_dev = self._forward(lam, image, label, self.hyper_module)
-        l1 = l1_norm(lam)
-        per_sample = terms.seg + self.l1_weight * l1
-        total = (w * per_sample).sum()
-
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        flat = self.hyper_module(lam)
+        grad_flat, seg, dice_loss, ce, dice = self._seg_backward(flat, image, label, w)
+        l1 = l1_norm(lam)
+        # H's backward: the segmentation part arrives as ∂/∂flat, the L1 part directly on λ.
+        torch.autograd.backward([flat, (w * self.l1_weight * l1).sum()], [grad_flat, None])
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.hyper.parameters(), self.grad_clip)
         self.optimizer.step()
 
         valid = w > 0
-        if lam_leaf.grad is None:  # only possible when every weight is 0 and autograd pruned the graph
-            grad = torch.zeros_like(lam_leaf)
-        else:
-            grad = lam_leaf.grad
+        grad = lam_leaf.grad if lam_leaf.grad is not None else torch.zeros_like(lam_leaf)
         rows = valid.to(grad.device)
         if bool(rows.any()):
+            # λ_n moves with ∂L_n/∂λ_n: undo the weight that scaled it (padding rows are skipped).
             own = grad[rows] / w.to(grad.device, grad.dtype)[rows].unsqueeze(1)
             self.latents.apply_gradients(index.to(rows.device)[rows], own)
 
         with torch.no_grad():
-            dice = hard_dice(logits.detach(), label_dev).to(per_sample.dtype)
-            cols = torch.stack(
-                [per_sample, terms.seg, terms.dice, terms.ce, l1, lam.norm(dim=1), dice], dim=1
-            ).detach()[valid]
+            l1 = l1.detach()
+            per_sample = seg + self.l1_weight * l1
+            cols = torch.stack([per_sample, seg, dice_loss, ce, l1, lam.detach().norm(dim=1), dice], dim=1)
+            cols = cols[valid]
             n = int(cols.shape[0])
             means = cols.mean(dim=0).tolist() if n else [float("nan")] * cols.shape[1]
         return dict(zip(METRIC_KEYS, [*means, float(n)], strict=True))
@@ -255,8 +284,10 @@ class TrainStep:
         """
         index = self._check_batch(image, label, index)
         lam = self.latents.gather(index).to(device=self._device, dtype=self.hyper.out.weight.dtype)
-        terms, _, _ = self._forward(lam, image, label, self.hyper)
-        (grad,) = torch.autograd.grad(terms.seg.sum(), lam)
+        flat = self.hyper(lam)
+        ones = torch.ones(lam.shape[0], dtype=lam.dtype, device=lam.device)
+        grad_flat = self._seg_backward(flat, image, label, ones)[0]
+        (grad,) = torch.autograd.grad(flat, lam, grad_flat)
         return float(grad.norm(dim=1).mean())
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from monai.losses import DiceCELoss
 from torch.func import functional_call
 
 from hypersort_ray.errors import ModelError
+from hypersort_ray.model import functional
 from hypersort_ray.model.functional import batched_forward
 from hypersort_ray.model.hypernet import HyperNetwork
 from hypersort_ray.model.latents import LatentTable
@@ -99,6 +100,31 @@ def test_grouped_vmap_and_loop_agree_in_outputs_and_gradients(spatial_dims):
             torch.testing.assert_close(a, b, **F64)
 
 
+@pytest.mark.parametrize("spatial_dims, B", [(3, 3), (3, 1), (2, 1)])
+def test_fast_weight_gradient_and_single_sample_split_are_exact(monkeypatch, spatial_dims, B):
+    """The CPU fast paths (weight gradient as a forward convolution, B=1 as two half groups) give the
+    loop's outputs and gradients in float64 (forced on: by default they only run for float32)."""
+    monkeypatch.setattr(functional, "_WEIGHT_GRAD_MIN_VOXELS", 1)  # every layer, incl. strided/transposed
+    hyper, _ = make_setup(seed=9, spatial_dims=spatial_dims)
+    lam = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
+    x, y = make_batch(B, seed=9, spatial_dims=spatial_dims)
+    results = {}
+    for name in ("fast", "loop"):
+        lam.grad = None
+        hyper.zero_grad()
+        params = hyper.unflatten(hyper(lam))
+        if name == "loop":
+            logits = batched_forward(hyper.primary, params, x, method="loop")
+        else:
+            logits = functional._grouped(
+                hyper.primary, params, x, False, split_single=True, fast_backward=True
+            )
+        seg_loss_terms(logits, y).seg.sum().backward()
+        results[name] = [logits.detach(), lam.grad.clone()] + [p.grad.clone() for p in hyper.parameters()]
+    for a, b in zip(results["fast"], results["loop"], strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
 def test_grouped_channels_last_and_single_sample_split():
     hyper, _ = make_setup(seed=2)
     lam = torch.randn(2, 2, dtype=torch.float64)
@@ -171,8 +197,8 @@ def reference_steps(hyper, table_values, x, y, index, *, lr_h, lr_lat, l1_weight
     return hyper, {i: lam.detach()[0] for i, lam in lams.items()}, history
 
 
-@pytest.mark.parametrize("method", ["grouped", "vmap"])
-def test_batched_step_equals_per_sample_reference(method):
+@pytest.mark.parametrize("method, micro_batch", [("grouped", None), ("vmap", None), ("grouped", 2)])
+def test_batched_step_equals_per_sample_reference(method, micro_batch):
     hyper, table = make_setup(seed=3)
     x, y = make_batch(3, seed=3)
     index = torch.tensor([4, 1, 2])
@@ -181,7 +207,7 @@ def test_batched_step_equals_per_sample_reference(method):
         hyper, start, x, y, index, lr_h=1e-3, lr_lat=1e-2, l1_weight=0.3, steps=2
     )
     calls = record_gradients(table)
-    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.3, method=method)
+    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.3, method=method, micro_batch=micro_batch)
     for k in range(2):
         metrics = step.step(x, y, index)
         ref_loss, ref_lam_grads, ref_h_grads = history[k]
