@@ -67,3 +67,19 @@ def to_jsonable(value: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike[str], document: Any) -> Path:
     """Write ``document`` as indented, strict JSON (no NaN tokens) atomically."""
     return atomic_write_text(path, json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_save_nifti(img: Any, path: str | os.PathLike[str]) -> Path:
+    """``nibabel.save`` through a temporary sibling + ``os.replace``: no half-written mask on disk."""
+    import nibabel as nib
+
+    path = Path(path)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

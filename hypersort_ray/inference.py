@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from hypersort_ray.atomic import atomic_save_nifti
 from hypersort_ray.config import ExperimentConfig, UNetConfig, config_to_yaml, load_config
 from hypersort_ray.errors import HypersortError, ModelError
 
@@ -805,15 +806,7 @@ def write_nifti(path: str | Path, data: np.ndarray, prepared: PreparedInput) -> 
     if header is not None:  # same qform/sform codes as the input: the mask reads back like it
         img.set_qform(affine, code=int(header["qform_code"]))
         img.set_sform(affine, code=int(header["sform_code"]))
-    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{ext}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_nifti(img, path)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hypersort_ray.analysis.model_scores import dice_score, load_run_cases, progress_bar
+from hypersort_ray.atomic import atomic_save_nifti
 from hypersort_ray.errors import DataError, RunError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -191,7 +192,6 @@ def _corrected_label(
 
 def _write_like(path: Path, data: np.ndarray, ref: Any) -> None:
     """Write ``data`` with the reference NIfTI's shape, affine, qform/sform and data type, atomically."""
-    import nibabel as nib
 
     header = ref.header.copy()
     dtype = ref.get_data_dtype()
@@ -203,13 +203,7 @@ def _write_like(path: Path, data: np.ndarray, ref: Any) -> None:
     sform, scode = ref.get_sform(coded=True)
     img.set_qform(qform if qform is not None else ref.affine, code=int(qcode or 0))
     img.set_sform(sform if sform is not None else ref.affine, code=int(scode or 0))
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.nii.gz")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_save_nifti(img, path)
 
 
 def _read_label(case: Case) -> tuple[Any, np.ndarray]:
