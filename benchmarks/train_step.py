@@ -4,8 +4,8 @@ Three variants, each in a fresh subprocess (so peak RSS is per variant), warm-up
 
 * ``ours`` — :class:`hypersort_ray.model.step.TrainStep`: fused hyper-network output layer, B samples
   per step via grouped convolutions (weight gradients of large maps by a forward convolution), one
-  fused-Adam step of H per batch, row-sparse latent Adam; ``--micro-batch m`` runs the primary network
-  m samples at a time (less activation memory, same result).
+  fused-Adam step of H per batch, row-sparse latent Adam; ``--micro-batch`` sets how many samples the
+  primary network runs at a time (default ``auto``: TrainStep's default).
 * ``naive`` — what the reference code does, written here from its description: one sample per step,
   one ``torch.optim.Adam`` per latent, a hyper-network with one head per primary parameter, and the
   primary network's Parameters deleted and replaced by generated tensors through attribute assignment
@@ -73,7 +73,12 @@ def _ours(args: argparse.Namespace, device: Any):
     B = args.batch
     hyper = HyperNetwork(_unet(args), latent_dim=LATENT_DIM, hidden=HIDDEN).to(device)
     table = LatentTable(range(B), dim=LATENT_DIM, device=device)
-    step = TrainStep(hyper, table, lr=1e-4, l1_weight=1.0, micro_batch=args.micro_batch)
+    micro = (
+        {"auto": "auto", "none": None}[args.micro_batch]
+        if args.micro_batch in ("auto", "none")
+        else int(args.micro_batch)
+    )
+    step = TrainStep(hyper, table, lr=1e-4, l1_weight=1.0, micro_batch=micro)
     x, y = _data(args, B, device)
     index = torch.arange(B, device=device)
 
@@ -230,9 +235,9 @@ def _spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         str(args.warmup),
         "--device",
         args.device,
+        "--micro-batch",
+        args.micro_batch,
     ]
-    if args.micro_batch:
-        cmd += ["--micro-batch", str(args.micro_batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -274,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per variant; best reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--micro-batch", type=int, default=None, help="ours: primary network on this many samples at a time"
+        "--micro-batch",
+        default="auto",
+        help="ours: TrainStep(micro_batch=...): auto (default), none (whole batch) or a number",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)

@@ -104,7 +104,10 @@ def hard_dice(logits: Tensor, label: Tensor, *, empty: float = 1.0) -> Tensor:
     """
     label = _check(logits, label)
     K = logits.shape[1]
-    pred = logits.argmax(dim=1).reshape(logits.shape[0], -1)
+    if K == 2:  # same as argmax (ties go to class 0), several times cheaper on CPU
+        pred = (logits[:, 1] > logits[:, 0]).long().reshape(logits.shape[0], -1)
+    else:
+        pred = logits.argmax(dim=1).reshape(logits.shape[0], -1)
     target = label[:, 0].long().reshape(logits.shape[0], -1)
     scores = []
     for k in range(1, K):

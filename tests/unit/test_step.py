@@ -335,3 +335,27 @@ def test_step_rejects_inconsistent_batches():
         TrainStep(hyper, LatentTable(range(3), dim=3, dtype=torch.float64))
     with pytest.raises(ModelError, match="not in this latent table"):
         step.step(x, y, torch.tensor([0, 17]))
+
+
+def test_micro_batch_auto_size_and_bad_values(monkeypatch):
+    from hypersort_ray.model import step as step_mod
+
+    hyper, table = make_setup(seed=6)
+    monkeypatch.setattr(step_mod, "AUTO_MICRO_BATCH_VOXELS", 2 * 16**3)
+    auto = TrainStep(hyper, table)  # default "auto": at most 2 × 16³ voxels per micro-batch on CPU
+    assert auto._micro_batch_size(torch.zeros(5, 1, 16, 16, 16)) == 2
+    assert auto._micro_batch_size(torch.zeros(5, 1, 32, 32, 32)) == 1  # never fewer than one sample
+    assert auto._micro_batch_size(torch.zeros(1, 1, 8, 8, 8)) == 1  # never more than the batch
+    assert TrainStep(hyper, table, micro_batch=None)._micro_batch_size(torch.zeros(5, 1, 32, 32, 32)) == 5
+    for bad in (0, -1, "big", 1.5):
+        with pytest.raises(ModelError, match="micro_batch"):
+            TrainStep(hyper, table, micro_batch=bad)
+
+
+def test_hard_dice_two_class_ties_go_to_background_like_argmax():
+    logits = torch.zeros(1, 2, 2, 2, 2, dtype=torch.float64)  # all ties → background everywhere
+    logits[0, 1, 0] = 1.0  # half the voxels foreground
+    label = (logits.argmax(dim=1, keepdim=True)).long()
+    assert hard_dice(logits, label).item() == pytest.approx(1.0)
+    three = torch.cat([logits, torch.zeros(1, 1, 2, 2, 2, dtype=torch.float64)], dim=1)
+    assert hard_dice(three, label).shape == (1,)
