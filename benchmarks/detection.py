@@ -14,7 +14,11 @@ One run of the whole comparison, on phantoms with known perturbations (``hyperso
      plain UNet, ``epochs_per_fold = round(E / (k − 1))``): ``test_dice`` and ``cleanlab``;
 4. against the truth (a case is positive when its label was perturbed, ``voxels_changed > 0``):
    AUROC, average precision and Spearman's ρ with ``voxels_changed`` (all cases), per score, plus
-   AUROC per perturbation kind (that kind vs the clean cases) in the JSON.
+   AUROC per perturbation kind (that kind vs the clean cases) in the JSON;
+5. styles: the run's latent analysis (``hypersort analyze``), adjusted Rand index of the styles vs the
+   perturbation kind (``--no-styles`` skips);
+6. correction: ``hypersort correct --style main`` on every case, mean Dice of the given and of the
+   corrected label against ``labels_clean/``, for perturbed and clean cases (``--no-correct`` skips).
 
 Usage::
 
@@ -162,6 +166,65 @@ def detection_metrics(score, truth) -> dict[str, Any]:
     return out
 
 
+def _styles(run_dir: Path, truth_csv: Path) -> dict[str, Any]:
+    """Styles of the trained run (``hypersort analyze --latent-only``) and their agreement with the truth."""
+    from hypersort_ray.analysis.run import analyze_run
+
+    summary = analyze_run(run_dir, truth=truth_csv)
+    metrics = json.loads((run_dir / "analysis" / "metrics.json").read_text())
+    st = metrics.get("styles") or {}
+    return {
+        "n_styles": summary.get("n_styles"),
+        "ari": st.get("ari"),
+        "ari_without_outliers": st.get("ari_without_outliers"),
+        "crosstab": st.get("crosstab"),
+        "eroded_dilated_separated": st.get("eroded_dilated_separated"),
+        "opposite_sides": (metrics.get("directions") or {}).get("opposite_sides"),
+    }
+
+
+def correction_quality(run_dir: Path, cases, data: Path, truth, out: Path) -> dict[str, Any]:
+    """Correct every case with the main style; Dice of the given and of the corrected label vs the clean one.
+
+    The clean label of a case is ``labels_clean/`` + the file name of its given label (the synthetic
+    generator's layout). Reported per group (perturbed / clean cases): mean Dice(given, clean),
+    mean Dice(corrected, clean), and how many cases got better / worse.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from hypersort_ray.analysis.correct import correct_cases
+    from hypersort_ray.analysis.model_scores import dice_score
+
+    summary = correct_cases(run_dir, ",".join(c.case_id for c in cases), style="main", out_dir=out)
+    changed = dict(zip(truth["index"], truth["voxels_changed"], strict=True))
+    groups: dict[str, dict[str, list[float]]] = {
+        "perturbed": {"given": [], "corrected": []},
+        "clean": {"given": [], "corrected": []},
+    }
+    for case in cases:
+        clean_path = data / "labels_clean" / Path(case.label).name
+        if not clean_path.exists():
+            raise SystemExit(f"{clean_path}: no clean label for case {case.case_id}")
+        clean = np.asarray(nib.load(clean_path).dataobj) > 0
+        given = np.asarray(nib.load(case.label).dataobj) > 0
+        corrected = np.asarray(nib.load(out / f"{case.case_id}.nii.gz").dataobj) > 0
+        g = groups["perturbed" if changed[case.index] > 0 else "clean"]
+        g["given"].append(dice_score(given, clean))
+        g["corrected"].append(dice_score(corrected, clean))
+    result: dict[str, Any] = {"style": summary["style"], "cases": summary["cases"]}
+    for name, g in groups.items():
+        given, corrected = np.asarray(g["given"]), np.asarray(g["corrected"])
+        result[name] = {
+            "n": int(len(given)),
+            "dice_given_vs_clean": float(given.mean()) if len(given) else None,
+            "dice_corrected_vs_clean": float(corrected.mean()) if len(given) else None,
+            "improved": int((corrected > given + 1e-9).sum()),
+            "worse": int((corrected < given - 1e-9).sum()),
+        }
+    return result
+
+
 def _fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{value:6.3f}"
 
@@ -194,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    _log(f"[1/5] synthetic data: {args.cases} cases, {args.size}³, {args.perturbations} -> {data}")
+    _log(f"[1/7] synthetic data: {args.cases} cases, {args.size}³, {args.perturbations} -> {data}")
     synth = generate_dataset(
         data,
         cases=args.cases,
@@ -207,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t = time.perf_counter()
     cfg = _config(args, data, run_dir)
-    _log(f"[2/5] HyperSORT: {args.epochs} epochs ({args.trainer}) -> {run_dir}")
+    _log(f"[2/7] HyperSORT: {args.epochs} epochs ({args.trainer}) -> {run_dir}")
     if args.trainer == "ray":
         train = _train_ray(cfg)
     else:
@@ -222,13 +285,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = pd.DataFrame({"index": [c.index for c in cases], "case_id": [c.case_id for c in cases]})
 
     t = time.perf_counter()
-    _log("[3/5] latent scores")
+    _log("[3/7] latent scores")
     table["latent_norm"], table["mean_distance"] = latent_scores(read_run_latents(run_dir, cases))
     timings["latent_scores_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if not args.no_model_scores:
-        _log("[4/5] model-based scores (main-style and own-λ UNets)")
+        _log("[4/7] model-based scores (main-style and own-λ UNets)")
         ms = model_scores(run_dir, progress=True, device=args.device)
         table = table.merge(ms.drop(columns="case_id"), on="index", how="left")
     timings["model_scores_s"] = time.perf_counter() - t
@@ -236,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     baseline_epochs = args.baseline_epochs or equal_compute_epochs(cfg.training.epochs, args.folds)
     if not args.no_baselines:
-        _log(f"[5/5] baselines: {args.folds}-fold plain UNet, {baseline_epochs} epochs per fold")
+        _log(f"[5/7] baselines: {args.folds}-fold plain UNet, {baseline_epochs} epochs per fold")
         bl = run_baselines(
             run_dir,
             folds=args.folds,
@@ -248,6 +311,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         table = table.merge(bl.drop(columns="case_id"), on="index", how="left")
         table["fold"] = [bl.attrs["fold"][i] for i in table["index"]]
     timings["baselines_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    styles = None
+    if not args.no_styles:
+        _log("[6/7] styles: latent analysis vs the truth (ARI)")
+        styles = _styles(run_dir, data / "truth.csv")
+    timings["styles_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    correction = None
+    if not args.no_correct:
+        _log("[7/7] correction: `hypersort correct --style main` on every case, Dice vs labels_clean/")
+        correction = correction_quality(run_dir, cases, data, truth, out / "corrected")
+    timings["correct_s"] = time.perf_counter() - t
 
     if len(truth) != len(table) or truth["index"].tolist() != table["index"].tolist():
         raise SystemExit(f"{data / 'truth.csv'}: rows do not match the datalist")
@@ -278,6 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timings_s": {k: round(v, 1) for k, v in timings.items()}
         | {"total": round(sum(timings.values()), 1)},
         "scores": scores,
+        "styles": styles,
+        "correction": correction,
         "cases": json.loads(table.to_json(orient="records")),
     }
 
@@ -312,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--no-model-scores", action="store_true")
+    parser.add_argument("--no-styles", action="store_true", help="skip the style analysis (ARI)")
+    parser.add_argument("--no-correct", action="store_true", help="skip the correction check")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -329,6 +410,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.perf_counter() - t0:.0f} s"
     )
     print(format_table(results))
+    if results.get("styles"):
+        st = results["styles"]
+        print(
+            f"styles: {st['n_styles']} found; ARI vs perturbation kind {_fmt(st['ari'])} "
+            f"({_fmt(st['ari_without_outliers'])} without outliers); eroded/dilated in different styles: "
+            f"{st['eroded_dilated_separated']}"
+        )
+    if results.get("correction"):
+        c = results["correction"]
+        for group in ("perturbed", "clean"):
+            g = c[group]
+            if g["n"]:
+                print(
+                    f"correct --style {c['style']}, {group} cases ({g['n']}): Dice vs labels_clean "
+                    f"given {g['dice_given_vs_clean']:.3f} -> corrected {g['dice_corrected_vs_clean']:.3f} "
+                    f"({g['improved']} improved, {g['worse']} worse)"
+                )
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

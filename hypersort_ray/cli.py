@@ -273,7 +273,7 @@ def demo(
     """synth -> train -> analyze -> register, then a summary."""
     from hypersort_ray.demo import run_demo
 
-    _emit(run_demo(out, cases=cases, size=size, epochs=epochs, workers=workers), as_json)
+    _emit(run_demo(out, cases=cases, size=size, epochs=epochs, workers=workers, print_summary=False), as_json)
 
 
 def main() -> None:

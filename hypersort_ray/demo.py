@@ -37,8 +37,19 @@ def _reuse_or_synth(data: Path, cases: int, size: int, console: Console) -> None
     generate_dataset(data, cases=cases, size=size, seed=0, perturbations="paper", progress=True)
 
 
-def run_demo(out: Path, *, cases: int = 60, size: int = 32, epochs: int | None = None, workers: int = 2) -> dict[str, Any]:
-    """Run the main job end to end on the embedded defaults and return its summary."""
+def run_demo(
+    out: Path,
+    *,
+    cases: int = 60,
+    size: int = 32,
+    epochs: int | None = None,
+    workers: int = 2,
+    print_summary: bool = True,
+) -> dict[str, Any]:
+    """Run the main job end to end on the embedded defaults and return its summary.
+
+    ``print_summary=False`` leaves the summary lines to the caller (the CLI prints them on stdout).
+    """
     from hypersort_ray.analysis.model_scores import analyze_with_model
     from hypersort_ray.tracking.registry import register_run
     from hypersort_ray.train.trainer import run_training
@@ -85,15 +96,29 @@ def run_demo(out: Path, *, cases: int = 60, size: int = 32, epochs: int | None =
     summary = {
         "report": str(run_dir / "analysis" / "report.html"),
         "run_dir": str(run_dir),
-        "styles": analysis.get("n_styles") if isinstance(analysis, dict) else None,
-        "auroc_latent_norm": metrics.get("auroc_latent_norm", train.get("auroc_latent_norm")),
-        "spearman_latent_norm": metrics.get("spearman_latent_norm", train.get("spearman_latent_norm")),
+        "styles": _styles_line(analysis),
+        "auroc_latent_norm": _round(metrics.get("auroc_latent_norm", train.get("auroc_latent_norm"))),
+        "spearman_latent_norm": _round(metrics.get("spearman_latent_norm", train.get("spearman_latent_norm"))),
         "model_uri": reg.get("model_uri"),
         "mlflow_ui": f"mlflow ui --backend-store-uri {train.get('tracking_uri')}",
         "serve": f"hypersort serve --model {run_dir}",
         "seconds": round(time.time() - t_start, 1),
     }
     console.rule("[bold]summary")
-    for key, value in summary.items():
-        console.print(f"[bold]{key}[/bold]: {value}")
+    if print_summary:
+        for key, value in summary.items():
+            console.print(f"[bold]{key}[/bold]: {value}")
     return summary
+
+
+def _round(value: Any) -> Any:
+    return round(float(value), 3) if isinstance(value, int | float) else value
+
+
+def _styles_line(analysis: Any) -> str | None:
+    """``"4: main 48, 1 5, 2 4, 3 3; 2 outliers"`` from the analysis summary."""
+    if not isinstance(analysis, dict) or analysis.get("n_styles") is None:
+        return None
+    sizes = ", ".join(f"{key} {size}" for key, size in (analysis.get("style_sizes") or {}).items())
+    line = f"{analysis['n_styles']}: {sizes}" if sizes else str(analysis["n_styles"])
+    return f"{line}; {analysis.get('n_outliers', 0)} outliers"

@@ -138,7 +138,7 @@ def latent_map_png(
     emb = embed_2d(latents)
     styles = np.asarray([str(s) for s in styles])
     colors = style_colors(styles.tolist())
-    fig = Figure(figsize=(7.2, 6.0))
+    fig = Figure(figsize=(8.4, 6.0))
     ax = fig.add_subplot(111)
     kind_arr = np.asarray([str(k) for k in kinds]) if kinds is not None else None
     kind_marker = {}
@@ -188,7 +188,8 @@ def latent_map_png(
     if emb.how == "latent":
         ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    # Outside the axes: inside, the legend hides cases (outliers sit in the corners it picks).
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, framealpha=0.8)
     return _png(fig, tight=True)
 
 

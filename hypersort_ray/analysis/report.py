@@ -35,7 +35,7 @@ table{border-collapse:collapse;font-size:0.85em;margin:8px 0} th,td{border:1px s
 th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums} .best{font-weight:bold;background:#eef6ee}
 .muted{color:#777} .note{background:#fff8e1;border-left:3px solid #f0b400;padding:6px 10px;margin:6px 0;font-size:0.9em}
 .kv td:first-child{font-weight:600;white-space:nowrap} img.fig{max-width:100%;border:1px solid #eee}
-img.thumb{height:110px} code{background:#f4f4f4;padding:0 3px}
+img.thumb{height:110px} code{background:#f4f4f4;padding:0 3px} .scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -70,6 +70,8 @@ class ReportInputs:
         loss_curves_png: training curves (None: no history).
         metrics: ``metrics.json`` document (None without truth).
         thumbnails: sample index -> thumbnail of the top-k cases.
+        style_thumbnails: style key -> montage of the style's medoid case (image, given label and the
+            style's prediction).
         settings: the analysis settings, shown verbatim.
         notes: things the reader should know (skipped parts and why).
     """
@@ -87,12 +89,18 @@ class ReportInputs:
     loss_curves_png: bytes | None = None
     metrics: Mapping[str, Any] | None = None
     thumbnails: Mapping[int, CaseThumbnail] = field(default_factory=dict)
+    style_thumbnails: Mapping[str, CaseThumbnail] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
     notes: Sequence[str] = ()
 
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def _header(name: str) -> str:
+    """A column header that may wrap after underscores (long score names would widen the table)."""
+    return _e(name).replace("_", "_<wbr>")
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -164,7 +172,13 @@ def _styles(inp: ReportInputs) -> str:
     head = "<tr><th>id</th><th>name</th><th>size</th><th>mean ‖λ‖</th><th>medoid case</th><th>centroid</th>"
     head += "<th>latent used to segment</th>"
     head += "<th>truth composition</th>" if crosstab else ""
-    head += "<th>members</th></tr>"
+    thumbs = inp.style_thumbnails
+    have_pred = any(t.dice is not None for t in thumbs.values())
+    head += "<th>members</th>"
+    if thumbs:
+        head += "<th>medoid case: image | given label" + (" | style's prediction (Dice)" if have_pred else "")
+        head += "</th>"
+    head += "</tr>"
     rows = []
     for s in model.styles:
         comp = ""
@@ -176,7 +190,7 @@ def _styles(inp: ReportInputs) -> str:
             f"<tr><td><code>{_e(s.key)}</code></td><td>{_e(s.name)}</td><td class='num'>{s.size}</td>"
             f"<td class='num'>{_num(s.mean_norm)}</td><td>{_e(s.medoid_case_id)} (#{s.medoid_index})</td>"
             f"<td><code>{_vector(s.centroid)}</code></td><td><code>{_vector(s.latent)}</code></td>{comp}"
-            f"<td>{members}</td></tr>"
+            f"<td>{members}</td>{_style_thumb(thumbs, s.key) if thumbs else ''}</tr>"
         )
     outliers = model.n_outliers
     extra = (
@@ -189,7 +203,15 @@ def _styles(inp: ReportInputs) -> str:
         f"<p class='muted'>Method <code>{_e(model.method)}</code>: HDBSCAN in a whitened, radially compressed "
         "space around a robust main mode (details under Settings).</p>"
     )
-    return f"<h2>Styles</h2>{method}<table>{head}{''.join(rows)}</table>{extra}"
+    return f"<h2>Styles</h2>{method}<div class='scroll'><table>{head}{''.join(rows)}</table></div>{extra}"
+
+
+def _style_thumb(thumbs: Mapping[str, CaseThumbnail], key: str) -> str:
+    thumb = thumbs.get(key)
+    if thumb is None:
+        return "<td></td>"
+    dice = f"<br>Dice {_num(thumb.dice)}" if thumb.dice is not None else ""
+    return f"<td><img class='thumb' alt='medoid slices' src='{data_uri(thumb.png)}'>{dice}</td>"
 
 
 def _suspicious(inp: ReportInputs) -> str:
@@ -202,7 +224,7 @@ def _suspicious(inp: ReportInputs) -> str:
         headers.append("Dice (main style vs given)")
     if have_thumbs:
         headers.append("slice: image | given label" + (" | main-style prediction" if have_dice else ""))
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr>"
+    head = "<tr>" + "".join(f"<th>{_header(h)}</th>" for h in headers) + "</tr>"
     rows = []
     for rank, rec in enumerate(table.itertuples(index=False), start=1):
         data = rec._asdict()
@@ -221,7 +243,7 @@ def _suspicious(inp: ReportInputs) -> str:
     return (
         f"<h2>Top {len(table)} suspicious cases</h2>"
         f"<p>Ranked by <code>{_e(inp.rank_by)}</code>. Full ranking: <code>suspicion.csv</code>.</p>"
-        f"<table>{head}{''.join(rows)}</table>"
+        f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>"
     )
 
 

@@ -252,7 +252,9 @@ def _read_volume(path: Path, what: str, case_id: str) -> np.ndarray:
     return data
 
 
-def _predict(predictor: Predictor, style: str, indices: Sequence[int]) -> Mapping[int, np.ndarray]:
+def _predict(
+    predictor: Predictor, style: str | np.ndarray, indices: Sequence[int]
+) -> Mapping[int, np.ndarray]:
     out = predictor(style, list(indices))
     missing = [i for i in indices if i not in out]
     if missing:
@@ -311,35 +313,69 @@ def _thumbnails(
     notes: list[str],
 ) -> dict[int, CaseThumbnail]:
     """Slice montages of the given run rows (image | label | main-style prediction)."""
-    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
-
     wanted = [int(indices[r]) for r in rows if int(indices[r]) in cases]
     preds: Mapping[int, np.ndarray] = _predict(predictor, "main", wanted) if predictor and wanted else {}
-    label_cfg = cfg.preprocessing.label
     out = {}
     for index in wanted:
-        case = cases[index]
-        try:
-            image = _read_volume(case.image, "image", case.case_id).astype(np.float32)
-            label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
-        except DataError as exc:
-            notes.append(f"thumbnail skipped: {exc}")
-            continue
-        if image.shape[: label.ndim] != label.shape:
-            notes.append(
-                f"thumbnail skipped: case {case.case_id}: image {image.shape} vs label {label.shape}"
-            )
-            continue
-        pred = preds.get(index)
-        pred = None if pred is None else np.asarray(pred)
-        score = (
-            dice(pred, label, label_cfg.num_classes)
-            if pred is not None and pred.shape == label.shape
-            else None
-        )
-        png = plots.slice_montage_png(image, label, pred if score is not None else None)
-        out[index] = CaseThumbnail(png, score)
+        thumb = _case_montage(cases[index], cfg, preds.get(index), notes)
+        if thumb is not None:
+            out[index] = thumb
     return out
+
+
+def _style_montages(
+    model: StyleModel,
+    cases: Mapping[int, Any],
+    cfg: ExperimentConfig,
+    predictor: Predictor | None,
+    notes: list[str],
+) -> dict[str, CaseThumbnail]:
+    """Per style, its medoid case: image | given label | the style's prediction (its segmenting latent).
+
+    The latent is passed explicitly (not the style key): the run's saved styles may be older than the
+    ones fitted now.
+    """
+    out = {}
+    for style in model.styles:
+        case = cases.get(int(style.medoid_index))
+        if case is None:
+            continue
+        pred = None
+        if predictor is not None:
+            latent = np.asarray(style.latent, dtype=np.float64)
+            pred = _predict(predictor, latent, [case.index])[case.index]
+        thumb = _case_montage(
+            case, cfg, pred, notes, titles=("image", "given label", f"{style.name} prediction")
+        )
+        if thumb is not None:
+            out[style.key] = thumb
+    return out
+
+
+def _case_montage(
+    case: Any,
+    cfg: ExperimentConfig,
+    pred: np.ndarray | None,
+    notes: list[str],
+    titles: Sequence[str] | None = None,
+) -> CaseThumbnail | None:
+    """Mid-slice montage of one case with its given label and, when given, a prediction (+ their Dice)."""
+    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
+
+    label_cfg = cfg.preprocessing.label
+    try:
+        image = _read_volume(case.image, "image", case.case_id).astype(np.float32)
+        label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
+    except DataError as exc:
+        notes.append(f"thumbnail skipped: {exc}")
+        return None
+    if image.shape[: label.ndim] != label.shape:
+        notes.append(f"thumbnail skipped: case {case.case_id}: image {image.shape} vs label {label.shape}")
+        return None
+    pred = None if pred is None else np.asarray(pred)
+    score = dice(pred, label, label_cfg.num_classes) if pred is not None and pred.shape == label.shape else None
+    png = plots.slice_montage_png(image, label, pred if score is not None else None, titles=titles)
+    return CaseThumbnail(png, score)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -457,6 +493,7 @@ def analyze_run(
     position = {int(i): r for r, i in enumerate(indices)}
     top_rows = [position[int(i)] for i in table["index"].head(top_k)]
     thumbs = _thumbnails(top_rows, indices, cases, cfg, predictor, notes) if cases else {}
+    style_thumbs = _style_montages(model, cases, cfg, predictor, notes) if cases else {}
     map_png = plots.latent_map_png(latents, model.keys, case_ids, highlight=top_rows, kinds=kinds_run_order)
     map_html = plots.latent_map_html(
         latents,
@@ -509,6 +546,7 @@ def analyze_run(
             loss_curves_png=curves,
             metrics=metrics,
             thumbnails=thumbs,
+            style_thumbnails=style_thumbs,
             settings=report_settings,
             notes=notes,
         )

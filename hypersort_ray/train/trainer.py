@@ -39,6 +39,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    _quiet_report_log()
     ctx_ray = ray.train.get_context()
     rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
     scaling = cfg.training.scaling
@@ -75,14 +76,18 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], part: Path | None) -> None:
         ckpt = Checkpoint.from_directory(str(part)) if part is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
-        if part is not None:
-            shutil.rmtree(part, ignore_errors=True)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt)
+        finally:  # also when report raises (a stopped trial, a failing peer): no part left in /tmp
+            if part is not None:
+                shutil.rmtree(part, ignore_errors=True)
 
     resume = None
+    restored_copy = None
     restored = ray.train.get_checkpoint()
     if restored is not None:  # a restart after a worker failure: continue from the last checkpoint
-        resume = Path(restored.to_directory())
+        # to_directory() copies the checkpoint into a fresh /tmp/checkpoint_tmp_* folder: ours to remove.
+        resume = restored_copy = Path(restored.to_directory())
     elif cfg.training.resume_from is not None:
         resume = Path(cfg.training.resume_from)
 
@@ -100,7 +105,25 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         resume_from=resume,
         fault=loop_config.get("fault"),
     )
-    train_worker(cfg, cases, ctx)
+    try:
+        train_worker(cfg, cases, ctx)
+    finally:
+        if restored_copy is not None:
+            shutil.rmtree(restored_copy, ignore_errors=True)
+
+
+def _quiet_report_log() -> None:
+    """Keep Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)") off the
+    console: it repeats every metric of every epoch for every worker. Ray 2.60 logs it on a logger named
+    after the module's *file*, so ``RunConfig.logging_config`` (which filters ``ray.train.*``) cannot.
+    The progress bar and history.csv carry the same numbers; warnings and errors still pass."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------- controller side

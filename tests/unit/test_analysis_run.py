@@ -93,13 +93,20 @@ def _make_run(
     return run
 
 
+STYLE_CALLS: list = []
+
+
 def _predictor(style, indices):
-    """Main style predicts the clean box for even indices and nothing for odd ones."""
-    assert style == "main"
+    """Main style predicts the clean box for even indices and nothing for odd ones; an explicit latent
+    (the style montages pass each style's segmenting latent) predicts the clean box everywhere."""
     out = {}
+    if not isinstance(style, str):
+        STYLE_CALLS.append((tuple(np.asarray(style).tolist()), tuple(indices)))
+    else:
+        assert style == "main"
     for i in indices:
         pred = np.zeros(SHAPE, np.int64)
-        if i % 2 == 0:
+        if i % 2 == 0 or not isinstance(style, str):
             pred[2:7, 3:8, 1:5] = 1
         out[i] = pred
     return out
@@ -162,7 +169,12 @@ def test_summary_and_report_content(analysed):
     m = summary["metrics"]
     assert m["auroc_latent_norm"] > 0.9 and m["ari_styles"] >= 0.5 and m["opposite_cosine"] < 0
     report = (run / "analysis" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 2 + 4  # map, curves, 4 thumbnails (top_k=4)
+    styles = json.loads((run / "analysis" / "styles.json").read_text())["styles"]
+    # map, curves, 4 thumbnails (top_k=4), one medoid montage per style
+    assert report.count("data:image/png;base64,") == 2 + 4 + len(styles)
+    # Each style's montage was predicted with that style's own segmenting latent, on its medoid case.
+    assert sorted(STYLE_CALLS) == sorted((tuple(s["latent"]), (s["medoid_index"],)) for s in styles)
+    assert "style&#x27;s prediction (Dice)" in report or "style's prediction (Dice)" in report
     assert "Dice (main style vs given)" in report and "Metrics vs truth" in report
     for case in table["case_id"].head(4):
         assert case in report
