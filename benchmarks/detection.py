@@ -8,6 +8,8 @@ One run of the whole comparison, on phantoms with known perturbations (``hyperso
    write a normal run folder;
 3. score every case with
    * the paper's latent scores: ``latent_norm`` = ‖λ_n‖₂ and ``mean_distance`` = mean_m ‖λ_m − λ_n‖₂,
+   * ``train_loss``: each case's own Dice+CE loss during HyperSORT training, averaged over the epochs
+     (``sample_losses.csv``; no extra compute),
    * the model-based scores (:func:`hypersort_ray.analysis.model_scores.model_scores`):
      ``main_style_disagreement`` and ``own_vs_main_disagreement``,
    * the baselines at equal compute (:func:`hypersort_ray.analysis.baselines.run_baselines`, k-fold
@@ -44,6 +46,7 @@ from typing import Any
 SCORES = (
     "latent_norm",
     "mean_distance",
+    "train_loss",
     "main_style_disagreement",
     "own_vs_main_disagreement",
     "test_dice",
@@ -82,7 +85,7 @@ def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
 
     from hypersort_ray.config import config_to_yaml
     from hypersort_ray.train.checkpoint import save_checkpoint
-    from hypersort_ray.train.latents_io import write_latents_csv
+    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, write_latents_csv, write_sample_losses_csv
     from hypersort_ray.train.loop import WorkerContext, train_worker, write_history_csv
 
     def report(metrics: dict[str, Any], part: Path | None) -> None:
@@ -117,6 +120,7 @@ def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
         state["values"],
     )
     write_history_csv(run_dir / "history.csv", result.history)
+    write_sample_losses_csv(run_dir / SAMPLE_LOSSES_CSV, result.sample_losses, case_ids)
     return {
         "epochs": int(last["epoch"]),
         "final_loss": float(last["loss"]),
@@ -249,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hypersort_ray.analysis.baselines import equal_compute_epochs, run_baselines
     from hypersort_ray.analysis.model_scores import load_run_cases, model_scores, read_run_latents
     from hypersort_ray.data.synthetic import generate_dataset
+    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, read_sample_losses_csv
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -287,6 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     _log("[3/7] latent scores")
     table["latent_norm"], table["mean_distance"] = latent_scores(read_run_latents(run_dir, cases))
+    losses = read_sample_losses_csv(run_dir / SAMPLE_LOSSES_CSV)
+    table["train_loss"] = [losses.get(int(i), math.nan) for i in table["index"]]
     timings["latent_scores_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -1,7 +1,8 @@
 """``hypersort analyze RUN_DIR``: styles, suspicion ranking, metrics, maps and the curation report.
 
-Reads the run folder written by the trainer (``config.yaml``, ``latents.csv``, ``history.csv``) and
-writes ``RUN_DIR/analysis/``:
+Reads the run folder written by the trainer (``config.yaml``, ``latents.csv``, ``history.csv`` and,
+when present, ``sample_losses.csv``, which adds the ``train_loss`` score: each case's own Dice+CE loss
+averaged over the training epochs) and writes ``RUN_DIR/analysis/``:
 
 ====================  ==================================================================================
 ``suspicion.csv``     ``index,case_id,latent_norm,mean_distance,outlier_score,style[,extra scores]``, most
@@ -71,6 +72,9 @@ __all__ = [
 
 ANALYSIS_DIR = "analysis"
 # A predictor segments training cases: (style key or latent vector, sample indices) -> {index: class map}.
+#: score column: mean over epochs of each case's own training loss (``sample_losses.csv``)
+TRAIN_LOSS = "train_loss"
+
 Predictor = Callable[[str | np.ndarray, Sequence[int]], Mapping[int, np.ndarray]]
 # Cases handed to the predictor per call when scoring every case (bounds its memory).
 PREDICT_CHUNK = 8
@@ -303,6 +307,29 @@ def _merge_extra_scores(
     return {str(k): np.asarray(v, dtype=np.float64) for k, v in extra.items()}
 
 
+def _train_loss_score(run_dir: Path, indices: np.ndarray, notes: list[str]) -> np.ndarray | None:
+    """``train_loss``: each case's own Dice+CE loss averaged over the training epochs (run order).
+
+    From ``sample_losses.csv`` (written by ``hypersort train``); runs without it (older runs, imported
+    reference models) simply have no such column.
+    """
+    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, read_sample_losses_csv
+
+    path = run_dir / SAMPLE_LOSSES_CSV
+    if not path.is_file():
+        return None
+    try:
+        losses = read_sample_losses_csv(path)
+    except RunError as exc:
+        notes.append(f"train_loss skipped: {exc}")
+        return None
+    values = np.array([losses.get(int(i), np.nan) for i in indices], dtype=np.float64)
+    if np.isnan(values).all():
+        notes.append(f"train_loss skipped: {path} has no value for the run's cases")
+        return None
+    return values
+
+
 # ------------------------------------------------------------------------------------ thumbnails
 def _thumbnails(
     rows: Sequence[int],
@@ -464,6 +491,10 @@ def analyze_run(
     if cases_note:
         notes.append(cases_note)
     extra = _merge_extra_scores(extra_scores, indices)
+    if TRAIN_LOSS not in extra:
+        train_loss = _train_loss_score(run_dir, indices, notes)
+        if train_loss is not None:
+            extra[TRAIN_LOSS] = train_loss
     if predictor is None:
         notes.append("no model predictor given: model-based scores and prediction thumbnails skipped")
     elif not cases:

@@ -143,6 +143,7 @@ class TrainStep:
                 f"TrainStep: micro_batch must be an integer >= 1, 'auto' or None, got {micro_batch!r}"
             )
         self.micro_batch = micro_batch
+        self.last_seg_loss: Tensor | None = None
         self.optimizer = torch.optim.Adam(
             [p for p in hyper.parameters() if p.requires_grad],
             lr=lr,
@@ -253,6 +254,9 @@ class TrainStep:
             weight: ``[B]`` non-negative weights of each sample's loss in H's gradient (default ``1/B``);
                 0 marks a padding sample (not counted in the metrics, its latent not stepped).
 
+        After the call, :attr:`last_seg_loss` holds each sample's segmentation loss (Dice + CE with its
+        latent before the update; ``[B]`` float64 on CPU, padding rows included).
+
         Returns:
             Means over the valid samples (weight > 0) of ``loss`` (``seg + l1_weight·l1``), ``seg_loss``,
             ``dice_loss``, ``ce_loss``, ``l1`` (‖λ‖₁), ``latent_norm_mean`` (‖λ‖₂), ``dice`` (hard
@@ -285,6 +289,7 @@ class TrainStep:
 
         with torch.no_grad():
             l1 = l1.detach()
+            self.last_seg_loss = seg.detach().to("cpu", torch.float64)
             per_sample = seg + self.l1_weight * l1
             cols = torch.stack([per_sample, seg, dice_loss, ce, l1, lam.detach().norm(dim=1), dice], dim=1)
             cols = cols[valid]

@@ -27,7 +27,13 @@ import numpy as np
 
 from hypersort_ray.errors import RunError
 
-__all__ = ["write_latents_csv", "read_latents_csv"]
+__all__ = [
+    "SAMPLE_LOSSES_CSV",
+    "read_latents_csv",
+    "read_sample_losses_csv",
+    "write_latents_csv",
+    "write_sample_losses_csv",
+]
 
 
 def _as_array(values: Any) -> np.ndarray:
@@ -178,3 +184,53 @@ def read_latents_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str
     idx = np.asarray(indices, dtype=np.int64)[order]
     values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(zcols))[order]
     return idx, [case_ids[i] for i in order], values
+
+
+#: ``RUN_DIR/sample_losses.csv``: each sample's own segmentation loss during training.
+SAMPLE_LOSSES_CSV = "sample_losses.csv"
+SAMPLE_LOSS_COLUMNS = ("index", "case_id", "train_loss_mean", "train_loss_last", "epochs")
+
+
+def write_sample_losses_csv(path: str | os.PathLike[str], state: dict[str, Any], case_ids: Sequence[str]) -> Path:
+    """Write ``index,case_id,train_loss_mean,train_loss_last,epochs`` from a ``SampleLosses`` state dict.
+
+    ``train_loss_mean`` is the mean over the epochs the sample was seen (empty when never seen).
+    """
+    from hypersort_ray.atomic import atomic_write_text
+
+    total = np.asarray(state["sum"], dtype=np.float64)
+    count = np.asarray(state["count"], dtype=np.float64)
+    last = np.asarray(state["last"], dtype=np.float64)
+    if not (len(total) == len(count) == len(last) == len(case_ids)):
+        raise RunError(f"{path}: sample-loss record has {len(total)} rows for {len(case_ids)} cases")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SAMPLE_LOSS_COLUMNS)
+    for i, cid in enumerate(case_ids):
+        mean = repr(float(total[i] / count[i])) if count[i] > 0 else ""
+        writer.writerow([i, cid, mean, repr(float(last[i])) if np.isfinite(last[i]) else "", int(count[i])])
+    return atomic_write_text(Path(path), buf.getvalue())
+
+
+def read_sample_losses_csv(path: str | os.PathLike[str]) -> dict[int, float]:
+    """``{index: train_loss_mean}`` from ``sample_losses.csv`` (rows without a mean are left out).
+
+    Raises:
+        RunError: unreadable file or missing columns.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RunError(f"{path}: cannot read ({exc})") from None
+    if rows and not {"index", "train_loss_mean"} <= set(rows[0]):
+        raise RunError(f"{path}: needs the columns index and train_loss_mean, has {', '.join(rows[0])}")
+    out: dict[int, float] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            if row["train_loss_mean"] not in ("", None):
+                out[int(row["index"])] = float(row["train_loss_mean"])
+        except (TypeError, ValueError):
+            raise RunError(f"{path}, line {line}: bad index or train_loss_mean {row}") from None
+    return out

@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,43 @@ class LoopResult:
     history: list[dict[str, Any]]
     latent_state: dict[str, torch.Tensor]
     hyper_state: dict[str, torch.Tensor]
+    #: per-sample training-loss record of every sample (:class:`SampleLosses` as a dict of lists)
+    sample_losses: dict[str, list[float]] | None = None
+
+
+class SampleLosses:
+    """Each sample's own segmentation loss during training: sum and count over epochs, and the last value.
+
+    The loss is the one the sample's step computed (Dice + CE under its own λ, before the update), so it
+    costs nothing extra. Its mean over epochs is a training-dynamics score: a label that disagrees with
+    what the images share is fitted later and stays costlier for longer, even when the network ends up
+    memorising it. Per-sample scalars are gathered across workers like the latent norms; λ itself
+    stays on its worker. Saved in the checkpoint's ``extra`` (rank 0), restored on resume.
+    """
+
+    def __init__(self, n: int, state: Mapping[str, Any] | None = None) -> None:
+        self.sum = np.zeros(n)
+        self.count = np.zeros(n)
+        self.last = np.full(n, np.nan)
+        if state is not None and all(len(state.get(k, ())) == n for k in ("sum", "count", "last")):
+            self.sum = np.asarray(state["sum"], dtype=np.float64)
+            self.count = np.asarray(state["count"], dtype=np.float64)
+            self.last = np.asarray(state["last"], dtype=np.float64)
+
+    def add_epoch(self, indices: np.ndarray, values: np.ndarray) -> None:
+        indices = np.asarray(indices, dtype=int)
+        values = np.asarray(values, dtype=np.float64)
+        ok = np.isfinite(values)
+        self.sum[indices[ok]] += values[ok]
+        self.count[indices[ok]] += 1
+        self.last[indices] = values
+
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"sum": self.sum.tolist(), "count": self.count.tolist(), "last": self.last.tolist()}
 
 
 def _seed_everything(seed: int) -> None:
@@ -187,6 +224,7 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
     ).to(ctx.device)
 
     start_epoch, global_step, history = 0, 0, []
+    sample_losses = SampleLosses(n)
     l1_weight = tcfg.l1_weight
     resume_state = None
     if ctx.resume_from is not None:
@@ -201,6 +239,7 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         history = list((ckpt.extra or {}).get("history", []))
         l1_weight = float(ckpt.meta.get("l1_weight_effective", l1_weight))
         resume_state = ckpt.optim_state
+        sample_losses = SampleLosses(n, (ckpt.extra or {}).get("sample_losses"))
 
     hyper_module = ctx.wrap_hyper(hyper) if ctx.wrap_hyper else hyper
     step = TrainStep(
@@ -237,6 +276,7 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         _reseed_transforms(dataset, hash((tcfg.seed, epoch, ctx.rank)))
         batches = epoch_batches(owned, tcfg.batch_size, n_steps, seed=tcfg.seed, epoch=epoch, rank=ctx.rank)
         sums = torch.zeros(8, dtype=torch.float64)
+        epoch_loss: dict[int, float] = {}
         t0 = time.perf_counter()
         for s, batch in enumerate(batches):
             _maybe_fault(ctx.fault, epoch=epoch, step=s, rank=ctx.rank)
@@ -249,6 +289,8 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
             out = step.step(image, label, index, weight=weight.to(ctx.device))
             global_step += 1
             if real:
+                if step.last_seg_loss is not None:
+                    epoch_loss.update(zip(batch, step.last_seg_loss[:real].tolist(), strict=True))
                 sums[0] += real
                 sums[1:7] += real * torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64)
         elapsed = time.perf_counter() - t0
@@ -270,9 +312,11 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         # Latent norms are per-sample scalars: gathering them for metrics is cheap and leaves λ itself
         # on its worker.
         norms = latents.values().norm(dim=1).cpu().numpy()
-        gathered = ctx.all_gather_object((list(latents.indices), norms.tolist()))
+        gathered = ctx.all_gather_object((list(latents.indices), norms.tolist(), epoch_loss))
         all_idx = np.concatenate([np.asarray(g[0], dtype=int) for g in gathered])
         all_norm = np.concatenate([np.asarray(g[1], dtype=float) for g in gathered])
+        for g in gathered:
+            sample_losses.add_epoch(np.fromiter(g[2].keys(), int, len(g[2])), np.fromiter(g[2].values(), float, len(g[2])))
         metrics["latent_norm_mean"] = float(all_norm.mean())
         metrics["latent_norm_max"] = float(all_norm.max())
         if truth is not None:
@@ -282,7 +326,10 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         is_last = epoch + 1 == tcfg.epochs
         part_dir = None
         if ctx.report is not None and (is_last or (epoch + 1) % tcfg.checkpoint_every == 0):
-            part_dir = _write_part(cfg, ctx, hyper, step, latents, epoch + 1, global_step, n, case_ids, history, l1_weight)
+            part_dir = _write_part(
+                cfg, ctx, hyper, step, latents, epoch + 1, global_step, n, case_ids, history, l1_weight,
+                sample_losses,
+            )
         if ctx.report is not None:
             ctx.report(metrics, part_dir)
 
@@ -291,10 +338,13 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         history=history,
         latent_state=latents.state_dict(),
         hyper_state={k: v.detach().cpu() for k, v in hyper.state_dict().items()},
+        sample_losses=sample_losses.state_dict(),
     )
 
 
-def _write_part(cfg, ctx, hyper, step, latents, epoch, global_step, n, case_ids, history, l1_weight) -> Path:
+def _write_part(
+    cfg, ctx, hyper, step, latents, epoch, global_step, n, case_ids, history, l1_weight, sample_losses
+) -> Path:
     from hypersort_ray.train.checkpoint import write_checkpoint_part
 
     # mkdtemp, not a TemporaryDirectory: Ray may delete the folder after uploading it.
@@ -318,7 +368,7 @@ def _write_part(cfg, ctx, hyper, step, latents, epoch, global_step, n, case_ids,
         }
         if shared
         else {"epoch": epoch, "global_step": global_step},
-        extra={"history": history} if shared else None,
+        extra={"history": history, "sample_losses": sample_losses.state_dict()} if shared else None,
     )
     return part
 

@@ -390,7 +390,7 @@ def _after_training(cfg: ExperimentConfig, run_dir: Path, logger) -> dict[str, A
 def finalize_run(run_dir: Path, checkpoint, cases, logger, *, seconds: float) -> dict[str, Any]:
     """Copy the final checkpoint into the run folder and write latents.csv / history.csv / summary."""
     from hypersort_ray.train.checkpoint import load_checkpoint
-    from hypersort_ray.train.latents_io import write_latents_csv
+    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, write_latents_csv, write_sample_losses_csv
 
     final = run_dir / "checkpoint"
     tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
@@ -411,6 +411,9 @@ def finalize_run(run_dir: Path, checkpoint, cases, logger, *, seconds: float) ->
     history = list((ck.extra or {}).get("history", []))
     if history:
         write_history_csv(run_dir / "history.csv", history)
+    losses = (ck.extra or {}).get("sample_losses")
+    if losses is not None:
+        write_sample_losses_csv(run_dir / SAMPLE_LOSSES_CSV, losses, [c.case_id for c in cases])
     last = history[-1] if history else {}
     summary = {
         "run_dir": str(run_dir),
@@ -423,8 +426,9 @@ def finalize_run(run_dir: Path, checkpoint, cases, logger, *, seconds: float) ->
         "tracking_uri": logger.tracking_uri,
         **{k: last[k] for k in ("loss", "dice", "auroc_latent_norm", "spearman_latent_norm", "samples_per_s") if k in last},
     }
-    for name in ("latents.csv", "history.csv", "config.yaml"):
-        logger.log_artifact(run_dir / name)
+    for name in ("latents.csv", "history.csv", SAMPLE_LOSSES_CSV, "config.yaml"):
+        if (run_dir / name).exists():
+            logger.log_artifact(run_dir / name)
     logger.log_artifact(final, "checkpoint")
     dump_json(run_dir / "train_summary.json", summary)
     return summary

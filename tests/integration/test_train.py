@@ -67,6 +67,10 @@ def test_two_workers_write_a_complete_run_folder(ray_local, tiny_data, tmp_path)
     assert sorted(ck.latents["indices"].tolist()) == list(range(8))
     assert len(list((run / "checkpoint").glob("latents_rank*.safetensors"))) == 2
     np.testing.assert_allclose(values, ck.latents["values"].numpy(), rtol=0, atol=1e-7)
+    # Each sample's own training loss, gathered from both workers: every case seen once per epoch.
+    losses = (run / "sample_losses.csv").read_text().splitlines()
+    assert losses[0] == "index,case_id,train_loss_mean,train_loss_last,epochs" and len(losses) == 9
+    assert all(line.split(",")[4] == "2" and float(line.split(",")[2]) > 0 for line in losses[1:])
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     mrun = client.get_run(summary["mlflow_run_id"])
@@ -76,7 +80,7 @@ def test_two_workers_write_a_complete_run_folder(ray_local, tiny_data, tmp_path)
     assert [m.step for m in history] == [1, 2]
     assert "auroc_latent_norm" in mrun.data.metrics  # truth.csv sits beside the datalist
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
-    assert {"latents.csv", "history.csv", "checkpoint"} <= artifacts
+    assert {"latents.csv", "history.csv", "sample_losses.csv", "checkpoint"} <= artifacts
     assert mrun.info.status == "FINISHED"
 
 

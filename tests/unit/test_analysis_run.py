@@ -265,3 +265,25 @@ def test_extra_scores_and_ranking_column(tmp_path):
     assert list(table.columns)[-1] == "own_vs_main_disagreement"
     assert table["index"].tolist() == list(range(N - 1, -1, -1))
     assert summary["rank_by"] == "own_vs_main_disagreement"
+
+
+def test_train_loss_from_sample_losses_csv_is_a_score(tmp_path):
+    from hypersort_ray.train.latents_io import write_sample_losses_csv
+
+    run = _make_run(tmp_path)
+    ids = pd.read_csv(run / "latents.csv")["case_id"].tolist()
+    truth = pd.read_csv(tmp_path / "data" / "truth.csv")
+    perturbed = (truth["voxels_changed"] > 0).to_numpy()
+    loss = np.where(perturbed, 0.8, 0.2) + np.linspace(0, 0.01, N)  # perturbed cases stayed costlier
+    state = {"sum": (2 * loss).tolist(), "count": [2.0] * N, "last": loss.tolist()}
+    write_sample_losses_csv(run / "sample_losses.csv", state, ids)
+    analyze_run(run, rank_by="train_loss")
+    table = pd.read_csv(run / "analysis" / "suspicion.csv")
+    assert "train_loss" in table.columns and table["train_loss"].is_monotonic_decreasing
+    np.testing.assert_allclose(table.sort_values("index")["train_loss"], loss, atol=1e-6)
+    metrics = json.loads((run / "analysis" / "metrics.json").read_text())
+    assert metrics["scores"]["train_loss"]["auroc"] == 1.0
+    # An unreadable file is a note, not a failure.
+    (run / "sample_losses.csv").write_text("index,oops\n0,1\n")
+    summary = analyze_run(run)
+    assert any("train_loss skipped" in n for n in summary["notes"])

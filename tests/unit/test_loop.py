@@ -1,0 +1,105 @@
+"""The Ray-free training loop in one process: per-sample training losses, their checkpoint and CSV."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hypersort_ray.config import load_config
+from hypersort_ray.data.datalist import load_datalist
+from hypersort_ray.data.synthetic import generate_dataset
+from hypersort_ray.errors import RunError
+from hypersort_ray.train.checkpoint import load_checkpoint
+from hypersort_ray.train.latents_io import read_sample_losses_csv, write_sample_losses_csv
+from hypersort_ray.train.loop import SampleLosses, WorkerContext, train_worker
+
+TINY = [
+    "preprocessing.roi_size=[16,16,16]",
+    "model.unet.channels=4",
+    "model.unet.n_down=1",
+    "model.unet.n_fix=1",
+    "model.hypernet.hidden=[8,8]",
+    "training.batch_size=2",
+    "tracking.enabled=false",
+]
+
+
+def test_sample_losses_accumulate_and_round_trip():
+    rec = SampleLosses(4)
+    rec.add_epoch(np.array([0, 2]), np.array([1.0, 3.0]))
+    rec.add_epoch(np.array([2, 0, 1]), np.array([5.0, 2.0, float("nan")]))  # a NaN is not counted
+    np.testing.assert_allclose(rec.mean(), [1.5, np.nan, 4.0, np.nan])
+    assert rec.count.tolist() == [2, 0, 2, 0]
+    again = SampleLosses(4, rec.state_dict())
+    np.testing.assert_allclose(again.mean(), rec.mean())
+    assert np.isnan(again.last[1]) and again.last[2] == 5.0
+    # A record of another size (e.g. a resume on another datalist) is not used.
+    assert SampleLosses(3, rec.state_dict()).count.tolist() == [0, 0, 0]
+
+
+def test_sample_losses_csv(tmp_path):
+    rec = SampleLosses(3)
+    rec.add_epoch(np.array([0, 1]), np.array([0.5, 0.25]))
+    path = write_sample_losses_csv(tmp_path / "s.csv", rec.state_dict(), ["a", "b", "c"])
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index,case_id,train_loss_mean,train_loss_last,epochs"
+    assert lines[3] == "2,c,,,0"
+    assert read_sample_losses_csv(path) == {0: 0.5, 1: 0.25}
+    with pytest.raises(RunError, match="3 rows for 2 cases"):
+        write_sample_losses_csv(tmp_path / "t.csv", rec.state_dict(), ["a", "b"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("index,loss\n0,1\n")
+    with pytest.raises(RunError, match="needs the columns index and train_loss_mean"):
+        read_sample_losses_csv(bad)
+    bad.write_text("index,train_loss_mean\nx,1\n")
+    with pytest.raises(RunError, match="line 2: bad index"):
+        read_sample_losses_csv(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("loop") / "synth"
+    generate_dataset(out, cases=5, size=16, seed=2)
+    return out
+
+
+def test_loop_records_every_samples_own_loss_and_resumes_it(tiny, tmp_path):
+    cases = load_datalist(tiny / "datalist.tsv")
+    cfg = load_config(None, [f"data.datalist={tiny / 'datalist.tsv'}", f"output_dir={tmp_path}", *TINY,
+                             "training.epochs=2", "training.checkpoint_every=1"])
+    parts: list[Path] = []
+    seen: list[dict] = []
+
+    def report(metrics, part):
+        seen.append(metrics)
+        if part is not None:
+            parts.append(part)
+
+    try:
+        _check_loop(cfg, cases, report, seen, parts)
+    finally:  # the loop writes its checkpoint parts to fresh temp folders, as for Ray
+        for part in parts:
+            shutil.rmtree(part, ignore_errors=True)
+
+
+def _check_loop(cfg, cases, report, seen, parts):
+    result = train_worker(cfg, cases, WorkerContext(report=report))
+    losses = SampleLosses(len(cases), result.sample_losses)
+    assert losses.count.tolist() == [2] * len(cases)  # every sample, once per epoch
+    mean = losses.mean()
+    assert np.isfinite(mean).all() and (mean > 0).all()
+    # The per-sample losses average to the epoch's reported seg loss (every sample counted once).
+    last_epoch = SampleLosses(len(cases))
+    last_epoch.add_epoch(np.arange(len(cases)), losses.last)
+    assert last_epoch.mean().mean() == pytest.approx(seen[-1]["seg_loss"], rel=1e-6)
+    # Saved with the checkpoint and continued on resume: counts go on from 2.
+    ck = load_checkpoint(parts[-1])
+    assert ck.extra["sample_losses"]["count"] == [2.0] * len(cases)
+    more = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 3})})
+    resumed = train_worker(more, cases, WorkerContext(report=report, resume_from=parts[-1]))
+    assert SampleLosses(len(cases), resumed.sample_losses).count.tolist() == [3] * len(cases)
+    assert not math.isnan(resumed.sample_losses["sum"][0])
