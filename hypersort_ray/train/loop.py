@@ -315,8 +315,8 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         gathered = ctx.all_gather_object((list(latents.indices), norms.tolist(), epoch_loss))
         all_idx = np.concatenate([np.asarray(g[0], dtype=int) for g in gathered])
         all_norm = np.concatenate([np.asarray(g[1], dtype=float) for g in gathered])
-        for g in gathered:
-            sample_losses.add_epoch(np.fromiter(g[2].keys(), int, len(g[2])), np.fromiter(g[2].values(), float, len(g[2])))
+        for _, _, losses in gathered:
+            sample_losses.add_epoch(np.fromiter(losses, int, len(losses)), np.fromiter(losses.values(), float, len(losses)))
         metrics["latent_norm_mean"] = float(all_norm.mean())
         metrics["latent_norm_max"] = float(all_norm.max())
         if truth is not None:
