@@ -411,7 +411,14 @@ def _key_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     scores = metrics.get("scores", {})
     out = {}
-    for name in ("latent_norm", "mean_distance", "outlier_score", "main_style_disagreement"):
+    for name in (
+        "latent_norm",
+        "mean_distance",
+        "outlier_score",
+        TRAIN_LOSS,
+        "main_style_disagreement",
+        "own_vs_main_disagreement",
+    ):
         if name in scores:
             out[f"auroc_{name}"] = scores[name].get("auroc")
             out[f"spearman_{name}"] = scores[name].get("spearman")
