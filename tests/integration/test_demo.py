@@ -33,6 +33,11 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     run = Path(summary["run_dir"])
+    # progress on stderr without Ray Train's per-report dump; the summary once, on stdout
+    assert "Reporting training result" not in proc.stderr
+    assert "model_uri" not in proc.stderr and "summary" in proc.stderr
+    assert summary["styles"].split(":")[0].isdigit() and "outliers" in summary["styles"]
+    assert len((run / "sample_losses.csv").read_text().splitlines()) == 13
 
     # data, latents, checkpoint
     truth = (out / "data" / "truth.csv").read_text().splitlines()
