@@ -485,14 +485,7 @@ def analyze_run(
             warnings.warn(w.message, stacklevel=2)
 
     _say(progress, f"styles of {len(indices)} latents (d = {latents.shape[1]})")
-    model = discover_styles(
-        latents,
-        case_ids,
-        indices,
-        min_cluster_size=settings.min_cluster_size,
-        min_samples=settings.min_samples,
-        cluster_selection_method=settings.cluster_selection_method,
-    )
+    model = _fit_styles(latents, case_ids, indices, settings)
 
     cases, cases_note = _load_cases(cfg, run_dir, indices, case_ids)
     if cases_note:
@@ -617,6 +610,11 @@ def styles_of_run(run_dir: Path, overrides: list[str] | None = None) -> StyleMod
     """
     cfg, indices, case_ids, latents = _load_run(Path(run_dir))
     settings = analysis_settings(cfg, overrides)
+    return _fit_styles(latents, case_ids, indices, settings)
+
+
+def _fit_styles(latents: np.ndarray, case_ids: list[str], indices: np.ndarray, settings: Any) -> StyleModel:
+    """The one styles fit of a run (``analyze`` and :func:`styles_of_run` must agree)."""
     return discover_styles(
         latents,
         case_ids,
