@@ -25,6 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+#: The tiny trainable network of the training tests (Ray Train integration and the in-process loop).
+TINY_NETWORK = [
+    "preprocessing.roi_size=[16,16,16]",
+    "model.unet.channels=4",
+    "model.unet.n_down=1",
+    "model.unet.n_fix=1",
+    "model.hypernet.hidden=[8,8]",
+]
+
 TINY_OVERRIDES = [
     "name=tiny",
     "preprocessing.roi_size=[16,16,16]",

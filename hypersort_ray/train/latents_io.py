@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hypersort_ray.atomic import atomic_write_text
 from hypersort_ray.errors import RunError
 
 __all__ = [
@@ -93,17 +93,7 @@ def write_latents_csv(
     for row in np.argsort(idx, kind="stable"):
         writer.writerow([int(idx[row]), ids[row], *(_format_float(v) for v in vals[row])])
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_latents_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -196,8 +186,6 @@ def write_sample_losses_csv(path: str | os.PathLike[str], state: dict[str, Any],
 
     ``train_loss_mean`` is the mean over the epochs the sample was seen (empty when never seen).
     """
-    from hypersort_ray.atomic import atomic_write_text
-
     total = np.asarray(state["sum"], dtype=np.float64)
     count = np.asarray(state["count"], dtype=np.float64)
     last = np.asarray(state["last"], dtype=np.float64)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_model import TINY_NETWORK
 
 from hypersort_ray.config import load_config
 from hypersort_ray.data.synthetic import generate_dataset
@@ -17,14 +18,7 @@ from hypersort_ray.train.latents_io import read_latents_csv
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "preprocessing.roi_size=[16,16,16]",
-    "model.unet.channels=4",
-    "model.unet.n_down=1",
-    "model.unet.n_fix=1",
-    "model.hypernet.hidden=[8,8]",
-    "training.scaling.threads_per_worker=1",
-]
+TINY = [*TINY_NETWORK, "training.scaling.threads_per_worker=1"]
 
 
 @pytest.fixture(scope="module")

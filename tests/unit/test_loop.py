@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_model import TINY_NETWORK
 
 from hypersort_ray.config import load_config
 from hypersort_ray.data.datalist import load_datalist
@@ -17,15 +18,7 @@ from hypersort_ray.train.checkpoint import load_checkpoint
 from hypersort_ray.train.latents_io import read_sample_losses_csv, write_sample_losses_csv
 from hypersort_ray.train.loop import SampleLosses, WorkerContext, train_worker
 
-TINY = [
-    "preprocessing.roi_size=[16,16,16]",
-    "model.unet.channels=4",
-    "model.unet.n_down=1",
-    "model.unet.n_fix=1",
-    "model.hypernet.hidden=[8,8]",
-    "training.batch_size=2",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_NETWORK, "training.batch_size=2", "tracking.enabled=false"]
 
 
 def test_sample_losses_accumulate_and_round_trip():
