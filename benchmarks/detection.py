@@ -9,7 +9,7 @@ One run of the whole comparison, on phantoms with known perturbations (``hyperso
 3. score every case with
    * the paper's latent scores: ``latent_norm`` = ‖λ_n‖₂ and ``mean_distance`` = mean_m ‖λ_m − λ_n‖₂,
    * ``train_loss``: each case's own Dice+CE loss during HyperSORT training, averaged over the epochs
-     (``sample_losses.csv``; no extra compute),
+     (the run's per-sample loss table; no extra compute),
    * the model-based scores (:func:`hypersort_ray.analysis.model_scores.model_scores`):
      ``main_style_disagreement`` and ``own_vs_main_disagreement``,
    * the baselines at equal compute (:func:`hypersort_ray.analysis.baselines.run_baselines`, k-fold
@@ -83,10 +83,9 @@ def _config(args: argparse.Namespace, data: Path, run_dir: Path):
 def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
     import torch
 
-    from hypersort_ray.config import config_to_yaml
-    from hypersort_ray.train.checkpoint import save_checkpoint
-    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, write_latents_csv, write_sample_losses_csv
-    from hypersort_ray.train.loop import WorkerContext, train_worker, write_history_csv
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.runs.checkpoint import save_checkpoint
+    from hypersort_ray.train.loop import WorkerContext, train_worker
 
     def report(metrics: dict[str, Any], part: Path | None) -> None:
         _log(
@@ -97,13 +96,14 @@ def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
         if part is not None:  # the loop's checkpoint parts: the final state is saved below instead
             shutil.rmtree(part, ignore_errors=True)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg)
     result = train_worker(cfg, cases, WorkerContext(device=torch.device(device), report=report))
     last = result.history[-1]
     case_ids = [c.case_id for c in cases]
     save_checkpoint(
-        run_dir / "checkpoint",
+        run.checkpoint_dir,
         latent_state=result.latent_state,
         hyper_state=result.hyper_state,
         config=cfg,
@@ -113,14 +113,9 @@ def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
         extra={"history": result.history},
     )
     state = result.latent_state
-    write_latents_csv(
-        run_dir / "latents.csv",
-        state["indices"],
-        [case_ids[i] for i in state["indices"].tolist()],
-        state["values"],
-    )
-    write_history_csv(run_dir / "history.csv", result.history)
-    write_sample_losses_csv(run_dir / SAMPLE_LOSSES_CSV, result.sample_losses, case_ids)
+    run.write_latents(state["indices"], [case_ids[i] for i in state["indices"].tolist()], state["values"])
+    run.write_history(result.history)
+    run.write_sample_losses(result.sample_losses, case_ids)
     return {
         "epochs": int(last["epoch"]),
         "final_loss": float(last["loss"]),
@@ -173,9 +168,10 @@ def detection_metrics(score, truth) -> dict[str, Any]:
 def _styles(run_dir: Path, truth_csv: Path) -> dict[str, Any]:
     """Styles of the trained run (``hypersort analyze --latent-only``) and their agreement with the truth."""
     from hypersort_ray.analysis.run import analyze_run
+    from hypersort_ray.runs import RunDir
 
     summary = analyze_run(run_dir, truth=truth_csv)
-    metrics = json.loads((run_dir / "analysis" / "metrics.json").read_text())
+    metrics = RunDir(run_dir).read_metrics()
     st = metrics.get("styles") or {}
     return {
         "n_styles": summary.get("n_styles"),
@@ -187,7 +183,7 @@ def _styles(run_dir: Path, truth_csv: Path) -> dict[str, Any]:
     }
 
 
-def correction_quality(run_dir: Path, cases, data: Path, truth, out: Path) -> dict[str, Any]:
+def correction_quality(run_dir: Path, cases, data: Path, truth, out: Path, device: str) -> dict[str, Any]:
     """Correct every case with the main style; Dice of the given and of the corrected label vs the clean one.
 
     The clean label of a case is ``labels_clean/`` + the file name of its given label (the synthetic
@@ -198,9 +194,11 @@ def correction_quality(run_dir: Path, cases, data: Path, truth, out: Path) -> di
     import numpy as np
 
     from hypersort_ray.analysis.correct import correct_cases
-    from hypersort_ray.analysis.model_scores import dice_score
+    from hypersort_ray.analysis.dice import dice_score
+    from hypersort_ray.inference import load_model
 
-    summary = correct_cases(run_dir, ",".join(c.case_id for c in cases), style="main", out_dir=out)
+    model = load_model(run_dir, device=device)
+    summary = correct_cases(run_dir, model, ",".join(c.case_id for c in cases), style="main", out_dir=out)
     changed = dict(zip(truth["index"], truth["voxels_changed"], strict=True))
     groups: dict[str, dict[str, list[float]]] = {
         "perturbed": {"given": [], "corrected": []},
@@ -251,9 +249,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from hypersort_ray.analysis.baselines import equal_compute_epochs, run_baselines
-    from hypersort_ray.analysis.model_scores import load_run_cases, model_scores, read_run_latents
+    from hypersort_ray.analysis.evaluation import load_run_cases, read_run_latents
+    from hypersort_ray.analysis.model_scores import model_scores
     from hypersort_ray.data.synthetic import generate_dataset
-    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, read_sample_losses_csv
+    from hypersort_ray.inference import load_model
+    from hypersort_ray.runs import RunDir
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -292,14 +292,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     _log("[3/7] latent scores")
     table["latent_norm"], table["mean_distance"] = latent_scores(read_run_latents(run_dir, cases))
-    losses = read_sample_losses_csv(run_dir / SAMPLE_LOSSES_CSV)
+    losses = RunDir(run_dir).read_sample_losses() or {}
     table["train_loss"] = [losses.get(int(i), math.nan) for i in table["index"]]
     timings["latent_scores_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if not args.no_model_scores:
         _log("[4/7] model-based scores (main-style and own-λ UNets)")
-        ms = model_scores(run_dir, progress=True, device=args.device)
+        # cache_size 0: each case's own UNet is used once; only the main one is held (by model_scores).
+        model = load_model(RunDir(run_dir).checkpoint_dir, device=args.device, cache_size=0)
+        ms = model_scores(run_dir, model, progress=True)
         table = table.merge(ms.drop(columns="case_id"), on="index", how="left")
     timings["model_scores_s"] = time.perf_counter() - t
 
@@ -330,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     correction = None
     if not args.no_correct:
         _log("[7/7] correction: `hypersort correct --style main` on every case, Dice vs labels_clean/")
-        correction = correction_quality(run_dir, cases, data, truth, out / "corrected")
+        correction = correction_quality(run_dir, cases, data, truth, out / "corrected", args.device)
     timings["correct_s"] = time.perf_counter() - t
 
     if len(truth) != len(table) or truth["index"].tolist() != table["index"].tolist():

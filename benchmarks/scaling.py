@@ -36,20 +36,20 @@ def main() -> None:
 
     from hypersort_ray.config import load_config
     from hypersort_ray.data.synthetic import generate_dataset
-    from hypersort_ray.train.trainer import init_ray, run_training
+    from hypersort_ray.ray_cluster import connect
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.train.trainer import run_training
 
     work = Path(tempfile.mkdtemp(prefix="hypersort-scaling-"))
     data = generate_dataset(work / "data", cases=args.cases, size=args.size, seed=0)
     cpus = os.cpu_count() or 1
-    init_ray(None, max(args.workers))
+    ray_handle = connect(None, num_cpus=max(args.workers))  # one private Ray for every row
     rows = []
     for w in args.workers:
         threads = max(1, cpus // w) if not args.gpu else 1
         cfg = load_config(
             None,
             [
-                f"data.datalist={data['datalist']}",
-                f"output_dir={work / f'w{w}'}",
                 f"training.epochs={args.epochs}",
                 f"training.batch_size={args.batch}",
                 f"training.scaling.num_workers={w}",
@@ -61,12 +61,11 @@ def main() -> None:
                 "analysis.run_after_training=false",
                 *args.overrides,
             ],
+            {"data.datalist": Path(data["datalist"]), "output_dir": work / f"w{w}"},
         )
         t0 = time.time()
         summary = run_training(cfg, progress=False)
-        import pandas as pd
-
-        hist = pd.read_csv(Path(summary["run_dir"]) / "history.csv")
+        hist = RunDir(summary["run_dir"]).read_history()
         steady = hist["samples_per_s"].iloc[1:] if len(hist) > 1 else hist["samples_per_s"]
         rows.append({"workers": w, "threads_per_worker": threads, "samples_per_s": float(statistics.median(steady)),
                      "wall_s": round(time.time() - t0, 1)})
@@ -78,6 +77,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['workers']:>7} {r['threads_per_worker']:>7} {r['samples_per_s']:>10.2f} {r['speedup']:>8.2f} "
               f"{r['efficiency']:>10.2f} {r['wall_s']:>7}")
+    ray_handle.close()
     result = {"rows": rows, "config": vars(args) | {"json": str(args.json)}, "cpus": cpus, "machine": sys.platform}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -1,19 +1,23 @@
-"""The ``hypersort`` command (contract: shared/CLI.md). It only parses flags and delegates.
+"""The ``hypersort`` command (contract: docs/cli.md). It only parses flags and delegates.
 
 Every command exits 0 on success; on a user error it prints one line ``error: ...`` naming the file or
-field and exits 2. Progress goes to stderr, machine-readable results to stdout (``--json``).
-Heavy modules (torch, ray, mlflow) are imported inside the commands so ``--help`` stays fast.
+field and exits 2. Messages go through ``logging`` to stderr (``-v`` for more, ``-q`` for warnings only),
+progress bars to stderr, machine-readable results to stdout (``--json``). Path flags reach the config as
+typed paths, never re-parsed as YAML (``--out "/data/exp #3"`` is that folder). Heavy modules (torch,
+ray, mlflow) are imported inside the commands so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+import hypersort_ray
 from hypersort_ray.errors import HypersortError
 
 app = typer.Typer(
@@ -25,9 +29,41 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+class _Format(logging.Formatter):
+    """``message`` for information, ``warning: message`` / ``error: message`` above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format("%(message)s"))
+    root = logging.getLogger("hypersort_ray")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers[:] = [handler]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hypersort-ray {hypersort_ray.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More messages (debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _configure_logging(verbose, quiet)
 
 
 def _emit(result: Any, as_json: bool) -> None:
@@ -45,6 +81,22 @@ SetFlag = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")
 ]
 ModelRef = Annotated[str, typer.Option("--model", help="Run folder or MLflow URI (models:/NAME@ALIAS, runs:/ID/model).")]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)."),
+]
+Address = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: RAY_ADDRESS, else a "
+                 "private local Ray."),
+]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a GPU when there is one).")]
+
+
+def _device(value: str) -> str:
+    from hypersort_ray.inference.devices import resolve_device
+
+    return resolve_device(value)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -54,15 +106,21 @@ def synth(
     cases: Annotated[int, typer.Option(help="Number of cases.")] = 200,
     size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
-    perturbations: Annotated[str, typer.Option(help="paper | subtle | mixed")] = "paper",
-    spacing: Annotated[float, typer.Option(help="Voxel spacing in mm.")] = 2.0,
+    perturbations: Annotated[str, typer.Option(help="paper | subtle | mixed (phantoms only)")] = "paper",
+    dataset: Annotated[
+        str, typer.Option(help="phantoms (CT-like, label errors) | brain (warped MNI152, annotation protocols)")
+    ] = "phantoms",
+    spacing: Annotated[
+        float | None, typer.Option(help="Voxel spacing in mm (default: 2 for phantoms, fitted for brain).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Write a synthetic CT-like benchmark with known label perturbations (paper §4.1 protocol)."""
+    """Write a synthetic benchmark with known label perturbations (images, labels, datalist, truth.csv)."""
     from hypersort_ray.data.synthetic import generate_dataset
 
     summary = generate_dataset(
-        out, cases=cases, size=size, seed=seed, perturbations=perturbations, spacing=spacing, progress=True
+        out, cases=cases, size=size, seed=seed, perturbations=perturbations, spacing=spacing, progress=True,
+        dataset=dataset,
     )
     _emit(summary, as_json)
 
@@ -75,67 +133,76 @@ def validate_data(
     """Check every case (files, readability, shapes, affines) before any training."""
     from hypersort_ray.data.datalist import load_datalist, validate_cases
 
-    cases = load_datalist(datalist)
-    report = validate_cases(cases, progress=True)
-    _emit(report, as_json)
+    _emit(validate_cases(load_datalist(datalist), progress=True), as_json)
 
 
 # ------------------------------------------------------------------------------------------ train
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (default: embedded demo config).")] = None,
+    config: Annotated[
+        str | None, typer.Argument(help="Experiment YAML, or a shipped config by name (demo, paper_amos, ...).")
+    ] = None,
     datalist: Annotated[Path | None, typer.Option(help="Datalist; overrides data.datalist.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder; overrides output_dir.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Overrides training.epochs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (a new one); overrides output_dir.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue this run folder from its newest checkpoint.")
+    ] = None,
+    if_exists: Annotated[
+        str, typer.Option("--if-exists", help="With --out: fail (default) or resume when it already holds a run "
+                          "(for job retries).")
+    ] = "fail",
+    epochs: Annotated[int | None, typer.Option(help="Overrides training.epochs (with --resume: the new total).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers; overrides training.scaling.num_workers.")] = None,
     overrides: SetFlag = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (auto, ray://...); default local.")] = None,
+    address: Address = None,
+    tracking_uri: TrackingUri = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Train the hyper-network and per-sample latents with Ray Train."""
-    from hypersort_ray.config import load_config
-    from hypersort_ray.train.trainer import run_training
+    """Train the hyper-network and per-sample latents with Ray Train (then analyse and register)."""
+    from hypersort_ray import pipeline
+    from hypersort_ray.config import load_config, resolve_config_path
+    from hypersort_ray.runs import RunDir
 
+    if if_exists not in ("fail", "resume"):
+        raise HypersortError(f"--if-exists {if_exists!r}: expected fail or resume")
     extra = list(overrides or [])
-    if datalist is not None:
-        extra.append(f"data.datalist={datalist}")
-    if out is not None:
-        extra.append(f"output_dir={out}")
-    if epochs is not None:
-        extra.append(f"training.epochs={epochs}")
     if workers is not None:
         extra.append(f"training.scaling.num_workers={workers}")
-    cfg = load_config(config, extra)
-    _emit(run_training(cfg, address=address), as_json)
+    if tracking_uri is not None:
+        extra.append(f"tracking.tracking_uri={json.dumps(tracking_uri)}")
+    if resume is None and out is not None and if_exists == "resume" and RunDir(out).holds_run():
+        resume = out
+    if resume is not None:
+        if config is not None or datalist is not None:
+            raise HypersortError("--resume continues a run with its own config and datalist: drop CONFIG/--datalist")
+        _emit(pipeline.resume(resume, epochs=epochs, overrides=extra, address=address), as_json)
+        return
+    values = {"data.datalist": datalist, "output_dir": out, "training.epochs": epochs}
+    cfg = load_config(resolve_config_path(config), extra, values)
+    _emit(pipeline.train(cfg, address=address), as_json)
 
 
 @app.command()
 def sweep(
-    config: Annotated[Path | None, typer.Argument(help="Sweep YAML (default: embedded sweep config).")] = None,
+    config: Annotated[str | None, typer.Argument(help="Sweep YAML, or a shipped config by name (sweep).")] = None,
     datalist: Annotated[Path | None, typer.Option(help="Datalist; overrides base.data.datalist.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Sweep folder.")] = None,
     samples: Annotated[int | None, typer.Option(help="Number of trials.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per trial.")] = None,
     overrides: SetFlag = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    address: Address = None,
+    tracking_uri: TrackingUri = None,
     resume: Annotated[bool, typer.Option("--resume", help="Resume an interrupted sweep in --out.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Sweep latent dimension, L1 weight and more with Ray Tune over Ray Train trials."""
-    from hypersort_ray.config import load_sweep_config
-    from hypersort_ray.tune.sweep import run_sweep
+    from hypersort_ray import pipeline
+    from hypersort_ray.config import load_sweep_config, resolve_config_path
 
-    extra = list(overrides or [])
-    if datalist is not None:
-        extra.append(f"base.data.datalist={datalist}")
-    if out is not None:
-        extra.append(f"base.output_dir={out}")
-    if samples is not None:
-        extra.append(f"num_samples={samples}")
-    if epochs is not None:
-        extra.append(f"base.training.epochs={epochs}")
-    cfg = load_sweep_config(config, extra)
-    _emit(run_sweep(cfg, address=address, resume=resume), as_json)
+    values = {"base.data.datalist": datalist, "base.output_dir": out, "num_samples": samples,
+              "base.training.epochs": epochs, "base.tracking.tracking_uri": tracking_uri}
+    cfg = load_sweep_config(resolve_config_path(config), list(overrides or []), values)
+    _emit(pipeline.sweep(cfg, address=address, resume=resume), as_json)
 
 
 # --------------------------------------------------------------------------------------- analysis
@@ -150,17 +217,15 @@ def analyze(
     latent_only: Annotated[
         bool, typer.Option("--latent-only", help="Skip the model-based scores and thumbnails (fast).")
     ] = False,
+    device: Device = "cpu",
     as_json: JsonFlag = False,
 ) -> None:
     """Styles (HDBSCAN), suspicion ranking, metrics vs truth, latent maps and the curation report."""
-    if latent_only:
-        from hypersort_ray.analysis.run import analyze_run
+    from hypersort_ray import pipeline
 
-        _emit(analyze_run(run_dir, truth=truth, overrides=overrides, progress=True), as_json)
-        return
-    from hypersort_ray.analysis.model_scores import analyze_with_model
-
-    _emit(analyze_with_model(run_dir, truth=truth, overrides=overrides, progress=True, baselines=baselines), as_json)
+    summary = pipeline.analyze(run_dir, truth=truth, overrides=overrides, baselines=baselines,
+                               latent_only=latent_only, progress=True, device=_device(device))
+    _emit(summary, as_json)
 
 
 @app.command()
@@ -169,12 +234,13 @@ def correct(
     cases: Annotated[str, typer.Option(help="top:K (most suspicious) or a comma list of case ids.")],
     style: Annotated[str, typer.Option(help="main or a style id.")] = "main",
     out: Annotated[Path, typer.Option("--out", help="Folder for corrected labels.")] = Path("corrected"),
+    device: Device = "cpu",
     as_json: JsonFlag = False,
 ) -> None:
     """Re-segment training cases with a chosen style's UNet; write corrected labels + corrections.csv."""
-    from hypersort_ray.analysis.correct import correct_cases
+    from hypersort_ray import pipeline
 
-    _emit(correct_cases(run_dir, cases=cases, style=style, out_dir=out, progress=True), as_json)
+    _emit(pipeline.correct(run_dir, cases=cases, style=style, out=out, device=_device(device)), as_json)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -187,18 +253,16 @@ def predict(
     latent: Annotated[str | None, typer.Option(help='Explicit latent, e.g. "0.1,-0.3".')] = None,
     all_styles: Annotated[bool, typer.Option("--all-styles", help="One mask per style.")] = False,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write class probabilities.")] = False,
+    device: Device = "cpu",
+    tracking_uri: TrackingUri = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Segment a NIfTI with the UNet of a chosen style or latent."""
     from hypersort_ray.inference import predict_cli
 
-    _emit(
-        predict_cli(
-            model, image=image, out=out, style=style, latent=latent, all_styles=all_styles,
-            probabilities=probabilities,
-        ),
-        as_json,
-    )
+    summary = predict_cli(model, image=image, out=out, style=style, latent=latent, all_styles=all_styles,
+                          probabilities=probabilities, device=_device(device), tracking_uri=tracking_uri)
+    _emit(summary, as_json)
 
 
 @app.command()
@@ -206,7 +270,7 @@ def register(
     run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
     name: Annotated[str, typer.Option(help="Registered model name.")],
     alias: Annotated[str | None, typer.Option(help="Alias to set, e.g. champion.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default MLFLOW_TRACKING_URI).")] = None,
+    tracking_uri: TrackingUri = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Register the run's model in the MLflow model registry."""
@@ -220,13 +284,15 @@ def export(
     model: ModelRef,
     style: Annotated[str, typer.Option(help="main, a style id, or a latent like 0.1,-0.3.")],
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
-    fmt: Annotated[str, typer.Option("--format", help="torchscript | state_dict")] = "torchscript",
+    fmt: Annotated[str, typer.Option("--format", help="torchscript | state_dict | torch_export | onnx")] = "torchscript",
+    device: Device = "cpu",
+    tracking_uri: TrackingUri = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Write a plain fixed-style UNet (no hyper-network)."""
     from hypersort_ray.inference import export_cli
 
-    _emit(export_cli(model, style=style, out=out, fmt=fmt), as_json)
+    _emit(export_cli(model, style=style, out=out, fmt=fmt, device=_device(device), tracking_uri=tracking_uri), as_json)
 
 
 @app.command("import-reference")
@@ -239,7 +305,7 @@ def import_reference(
     as_json: JsonFlag = False,
 ) -> None:
     """Convert a model trained with the public HyperSORT code into a run folder."""
-    from hypersort_ray.reference import import_reference_run
+    from hypersort_ray.runs.reference_import import import_reference_run
 
     _emit(import_reference_run(weights, latents, config, out, datalist=datalist), as_json)
 
@@ -251,14 +317,22 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     config: Annotated[Path | None, typer.Option(help="Serve settings YAML (configs/serve.yaml).")] = None,
     overrides: SetFlag = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    address: Address = None,
+    device: Device = "cpu",
+    tracking_uri: TrackingUri = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token (not advised).")
+    ] = False,
 ) -> None:
     """Run the latent-conditioned segmentation endpoint on Ray Serve (Ctrl-C stops it)."""
     from hypersort_ray.config import load_serve_settings
     from hypersort_ray.serve.app import run_server
 
-    extra = list(overrides or []) + [f"model={model}", f"host={host}", f"port={port}"]
-    run_server(load_serve_settings(config, extra), address=address)
+    values: dict[str, Any] = {"model": model, "host": host, "port": port, "tracking_uri": tracking_uri,
+                              "insecure_no_auth": insecure_no_auth or None}
+    if device != "cpu":
+        values["num_gpus"] = 1 if _device(device).startswith("cuda") else None
+    run_server(load_serve_settings(config, list(overrides or []), values), address=address)
 
 
 @app.command()
@@ -268,21 +342,21 @@ def demo(
     size: Annotated[int, typer.Option(help="Volume edge.")] = 32,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: demo config).")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+    tracking_uri: TrackingUri = None,
     as_json: JsonFlag = False,
 ) -> None:
     """synth -> train -> analyze -> register, then a summary."""
     from hypersort_ray.demo import run_demo
 
-    _emit(run_demo(out, cases=cases, size=size, epochs=epochs, workers=workers, print_summary=False), as_json)
+    summary = run_demo(out, cases=cases, size=size, epochs=epochs, workers=workers, tracking_uri=tracking_uri,
+                       print_summary=False)
+    _emit(summary, as_json)
 
 
 def main() -> None:
     try:
         app()
-    except HypersortError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FileNotFoundError as exc:
+    except (HypersortError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hypersort_ray.errors import ConfigError
+from hypersort_ray.reference_yaml import is_reference_config, translate_reference_config
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -326,6 +328,9 @@ class SweepConfig(_Strict):
 # ----------------------------------------------------------------------------------- serve
 class ServeSettings(_Strict):
     model: str | None = Field(None, description="Run folder or MLflow model URI.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store of a models:/ URI; default MLFLOW_TRACKING_URI, else ./mlflow.db."
+    )
     host: str = "127.0.0.1"
     port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     num_replicas: PositiveInt | Literal["auto"] = 1
@@ -335,11 +340,46 @@ class ServeSettings(_Strict):
     num_cpus: PositiveFloat = 1.0
     num_gpus: NonNegFloat = 0.0
     style_cache_size: NonNegInt = 32
-    max_body_mb: PositiveFloat = 256.0
-    max_voxels: PositiveInt = 512**3
-    request_timeout_s: PositiveFloat = 120.0
+    max_queued_requests: PositiveInt = Field(
+        32, description="Requests waiting for a busy replica (per caller); more get 503 at once."
+    )
+    max_body_mb: PositiveFloat = Field(256.0, description="Upload cap (proxy and replica): 413 before parsing.")
+    max_voxels: PositiveInt = Field(
+        512**3, description="Voxels at the model's spacing, every axis padded to the ROI (413 above)."
+    )
+    min_edge_voxels: PositiveInt = Field(
+        2, description="Shortest axis accepted, in the file and at the model's spacing (422 below)."
+    )
+    max_inference_memory_mb: PositiveFloat = Field(
+        12288.0, description="Estimated peak memory of one request (413 above); a replica needs this per CPU."
+    )
+    max_styles_per_request: PositiveInt = Field(
+        8, description="Styles one /v1/segment/styles request may run (422 above; pick them with `styles`)."
+    )
+    latent_radius: PositiveFloat = Field(
+        3.0, description="An explicit latent must lie this close to a learned style latent (422 beyond)."
+    )
+    allow_extrapolation: bool = Field(False, description="Accept latents farther than latent_radius.")
+    request_timeout_s: PositiveFloat = Field(
+        120.0, description="Proxy timeout (408) and each request's deadline in the replica (work stops)."
+    )
     auth_token_env: str | None = Field(
-        "HYPERSORT_API_TOKEN", description="Env var holding the bearer token; unset/empty disables auth."
+        "HYPERSORT_API_TOKEN",
+        description="Env var holding the bearer token; unset/empty: start-up error unless insecure_no_auth "
+        "(hypersort serve on a loopback host runs without auth).",
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Serve without a token, also on a non-loopback host (--insecure-no-auth)."
+    )
+    allowed_hosts: list[str] = Field(
+        ["127.0.0.1", "localhost", "::1"],
+        description="Host header names answered (400 otherwise); '*' any, '*.example.org' a domain.",
+    )
+    allowed_origins: list[str] = Field(
+        [], description="Browser origins allowed to call cross-origin (CORS); '*' any; same-origin always."
+    )
+    api_docs: bool = Field(
+        False, description="Serve the Swagger page at /docs (it loads its assets from a CDN); /openapi.json always."
     )
 
 
@@ -407,36 +447,94 @@ def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment config (ours or the reference repository's format) and apply overrides.
+def apply_values(data: dict[str, Any], values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Set typed values by dotted key (in place). Unlike :func:`apply_overrides`, nothing is parsed:
+    a path flag such as ``--out "/data/exp #3"`` or ``--out null`` reaches the config as that path."""
+    for key, value in (values or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    return data
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, values: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
+    """Load an experiment config (ours or the reference repository's format), then apply overrides.
 
     Args:
         path: YAML file, or None for the embedded defaults (the demo configuration).
-        overrides: ``key.path=value`` strings, applied after the file.
+        overrides: ``key.path=value`` strings (values parsed as YAML), applied after the file.
+        values: typed values by dotted key (e.g. ``{"output_dir": Path(...)}`` from a path flag), applied
+            last and never parsed; None values are skipped.
     """
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path:
         data = read_yaml(Path(path))
-        from hypersort_ray.reference import is_reference_config, translate_reference_config
-
         if is_reference_config(data):
             data = translate_reference_config(data, source=Path(path))
     apply_overrides(data, overrides)
+    apply_values(data, values)
     return _validate(ExperimentConfig, data, source)
 
 
-def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
+#: The configs that ship with the package (``hypersort train paper_amos``); ``configs/`` in a checkout.
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")
+
+
+def resolve_config_path(name_or_path: str | Path | None) -> Path | None:
+    """A config file given as a path, or by the name of a shipped config (``demo``, ``paper_amos.yaml``).
+
+    Raises:
+        ConfigError: neither an existing file nor a shipped config (the message lists them).
+    """
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and not path.exists():
+        shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: config file not found (nor a shipped config: {names})")
+
+
+def parse_config(text: str | bytes, source: str) -> ExperimentConfig:
+    """An experiment config from YAML text (e.g. a checksum-verified file already read into memory).
+
+    Raises:
+        ConfigError: not YAML, not a mapping, or invalid (the message names ``source`` and the key).
+    """
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    return _validate(ExperimentConfig, data, source)
+
+
+def load_sweep_config(
+    path: str | Path | None, overrides: list[str] | None = None, values: Mapping[str, Any] | None = None
+) -> SweepConfig:
+    """Load a sweep config and apply overrides / typed values (see :func:`load_config`)."""
     source = str(path) if path else "<defaults>"
     data = read_yaml(Path(path)) if path else {}
     apply_overrides(data, overrides)
+    apply_values(data, values)
     return _validate(SweepConfig, data, source)
 
 
-def load_serve_settings(path: str | Path | None, overrides: list[str] | None = None) -> ServeSettings:
+def load_serve_settings(
+    path: str | Path | None, overrides: list[str] | None = None, values: Mapping[str, Any] | None = None
+) -> ServeSettings:
+    """Load serve settings and apply overrides / typed values (see :func:`load_config`)."""
     source = str(path) if path else "<defaults>"
     data = read_yaml(Path(path)) if path else {}
     apply_overrides(data, overrides)
+    apply_values(data, values)
     return _validate(ServeSettings, data, source)
 
 
@@ -453,10 +551,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key = "a.b"``, creating sections as needed."""
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node = nxt
     node[parts[-1]] = value
 
 

@@ -23,3 +23,11 @@ class ModelError(HypersortError):
 
 class RunError(HypersortError):
     """A run folder that lacks what a command needs."""
+
+
+class RunExistsError(RunError):
+    """A command would write a new run into a folder that already holds one."""
+
+
+class ProvenanceError(RunError):
+    """A derived artefact (styles, analysis, model folder) was made from another checkpoint."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv and install hypersort-ray with pinned dependencies (constraints.txt).
-# torch is pinned to 2.13.0: on this kind of machine pip takes the CPU build from local disk; a range
-# would let pip download a multi-GB CUDA build. Idempotent: re-running only installs what is missing.
+# constraints.txt pins torch to 2.13.0: on this kind of machine pip takes the CPU build from local disk;
+# without the pin pip would download a multi-GB CUDA build. Idempotent: re-running only installs what is
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,4 +11,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip>=24" >/dev/null
-python -m pip install -q -c constraints.txt -e ".[dev]"
+python -m pip install -q -c constraints.txt -e ".[dev,anatomy,baselines]"

@@ -17,3 +17,15 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mlflow_store(tmp_path_factory):
+    """Without a store named, commands use the workspace store ./mlflow.db: tests get one of their own
+    instead of writing into the repository (tests of that default unset the variable and chdir)."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

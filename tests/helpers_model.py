@@ -5,12 +5,10 @@ random-but-seeded hyper-network for a tiny UNet (4 channels, one down-sampling s
 trained weights. Predictions are meaningless but deterministic, and different styles give different
 networks. Builds in well under 2 s (mostly imports).
 
-Layout::
-
-    RUN_DIR/config.yaml, RUN_DIR/checkpoint/ (save_checkpoint format), RUN_DIR/latents.csv,
-    RUN_DIR/history.csv, RUN_DIR/train_summary.json (no MLflow run), RUN_DIR/analysis/styles.json
-    (main style id 0 + styles 1 and 2), RUN_DIR/data/ (synthetic images/, labels/, datalist.tsv,
-    truth.csv: ``generate_dataset`` with 16³ volumes)
+It is built through the run-folder layer (:class:`hypersort_ray.runs.RunDir`): config, checkpoint,
+latents, history, training summary (no MLflow run) and, with ``with_styles``, styles (main style id 0 +
+styles 1 and 2, with the checkpoint's provenance); the synthetic data (``generate_dataset`` with 16³
+volumes) lives in ``RUN_DIR/data/``.
 
 Example:
     >>> from tests.helpers_model import make_tiny_run, tiny_image   # doctest: +SKIP
@@ -20,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -74,31 +71,28 @@ def make_tiny_run(
     """
     import torch
 
-    from hypersort_ray.config import config_to_yaml, load_config
+    from hypersort_ray.config import load_config
+    from hypersort_ray.data.datalist import load_datalist
     from hypersort_ray.data.synthetic import generate_dataset
     from hypersort_ray.model.hypernet import HyperNetwork
     from hypersort_ray.model.latents import LatentTable
     from hypersort_ray.model.unet import build_primary
-    from hypersort_ray.train.checkpoint import save_checkpoint
-    from hypersort_ray.train.latents_io import write_latents_csv
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.runs.checkpoint import save_checkpoint
 
-    run_dir = Path(tmp_path) / name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    data = run_dir / "data"
-    generate_dataset(data, cases=n_cases, size=16, seed=seed)
-    case_ids = [line.split(",")[1] for line in (data / "truth.csv").read_text().splitlines()[1:]]
+    run = RunDir(Path(tmp_path) / name)
+    run.path.mkdir(parents=True, exist_ok=False)
+    data = run.path / "data"
+    summary = generate_dataset(data, cases=n_cases, size=16, seed=seed)
+    datalist = Path(summary["datalist"])
+    case_ids = [c.case_id for c in load_datalist(datalist)]
 
     cfg = load_config(
         None,
-        [
-            *TINY_OVERRIDES,
-            f"model.hypernet.latent_dim={latent_dim}",
-            f"output_dir={run_dir}",
-            f"data.datalist={data / 'datalist.tsv'}",
-            f"training.seed={seed}",
-        ],
+        [*TINY_OVERRIDES, f"model.hypernet.latent_dim={latent_dim}", f"training.seed={seed}"],
+        {"output_dir": run.path, "data.datalist": datalist},
     )
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    run.write_config(cfg)
 
     # Seeded, local generator state: the caller's global RNG is left as it was.
     with torch.random.fork_rng():
@@ -108,7 +102,7 @@ def make_tiny_run(
     table = LatentTable(range(n_cases), latent_dim, init_std=0.8, seed=seed)
     values = table.values().numpy()
     save_checkpoint(
-        run_dir / "checkpoint",
+        run.checkpoint_dir,
         latent_state=table,
         hyper_state=hyper.state_dict(),
         config=cfg,
@@ -117,28 +111,19 @@ def make_tiny_run(
         case_ids=case_ids,
         extra={"history": [{"epoch": 1, "loss": 0.9, "dice": 0.4}]},
     )
-    write_latents_csv(run_dir / "latents.csv", list(range(n_cases)), case_ids, values)
-    (run_dir / "history.csv").write_text("epoch,global_step,loss,dice,latent_norm_mean\n1,1,0.9,0.4,0.5\n")
-    summary = {
-        "run_dir": str(run_dir),
-        "checkpoint": str(run_dir / "checkpoint"),
-        "latents_csv": str(run_dir / "latents.csv"),
-        "epochs": 1,
-        "num_samples": n_cases,
-        "seconds": 0.0,
-        "mlflow_run_id": None,
-        "tracking_uri": None,
-        "loss": 0.9,
-        "dice": 0.4,
-    }
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    run.write_latents(list(range(n_cases)), case_ids, values)
+    run.write_history([{"epoch": 1, "global_step": 1, "loss": 0.9, "dice": 0.4, "latent_norm_mean": 0.5}])
+    run.write_summary(
+        {"epochs": 1, "num_samples": n_cases, "seconds": 0.0, "mlflow_run_id": None, "tracking_uri": None,
+         "loss": 0.9, "dice": 0.4}
+    )
     if with_styles:
-        _write_styles(run_dir, case_ids, values, latent_dim)
-    return run_dir
+        run.write_styles(styles_document(case_ids, values, latent_dim))
+    return run.path
 
 
-def _write_styles(run_dir: Path, case_ids: list[str], values: np.ndarray, latent_dim: int) -> None:
-    """styles.json in the ``hypersort analyze`` format: main cluster 0 + styles 1 and 2."""
+def styles_document(case_ids: list[str], values: np.ndarray, latent_dim: int) -> dict:
+    """A styles document in the ``hypersort analyze`` format: main cluster 0 + styles 1 and 2."""
     n = len(case_ids)
     groups = {"0": list(range(0, max(n - 2, 1))), "1": [n - 2] if n >= 3 else [], "2": [n - 1] if n >= 2 else []}
     styles = []
@@ -163,9 +148,7 @@ def _write_styles(run_dir: Path, case_ids: list[str], values: np.ndarray, latent
                 "mean_norm": float(norms.mean()) if len(norms) else 0.0,
             }
         )
-    doc = {"method": "fixture", "params": {}, "main_style": 0, "styles": styles, "n_outliers": 0}
-    (run_dir / "analysis").mkdir(exist_ok=True)
-    (run_dir / "analysis" / "styles.json").write_text(json.dumps(doc, indent=2))
+    return {"method": "fixture", "params": {}, "main_style": 0, "styles": styles, "n_outliers": 0}
 
 
 def tiny_image(run_dir: Path, index: int = 0) -> Path:

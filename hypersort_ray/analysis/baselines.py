@@ -5,7 +5,7 @@ Both come from one k-fold cross-validation of a **plain UNet** with the primary 
 run's config: same spacing, intensity scaling, label mapping, crop and augmentation), loss (Dice + CE)
 and optimiser settings (Adam, ``training.lr``, ``training.weight_decay``, ``training.batch_size``).
 Every case is predicted by the one model that did not see it (out of fold), on the same deterministic
-training grid as :mod:`.model_scores`, and scored twice:
+training grid as :mod:`.model_scores` (:func:`~.evaluation.evaluation_dataset`), and scored twice:
 
 * ``test_dice`` = 1 − Dice(out-of-fold prediction, given label). The paper (§4.2) calls this baseline
   "Test-Dice" [Lad & Mueller 2023]: there the UNet was trained on the cases *known* to be clean (it
@@ -33,27 +33,20 @@ Example:
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from hypersort_ray.analysis.model_scores import (
-    dice_score,
-    evaluation_dataset,
-    load_run_cases,
-    progress_bar,
-    run_epochs,
-    segment,
-)
-from hypersort_ray.atomic import atomic_write_text
+from hypersort_ray.analysis.dice import dice_score
+from hypersort_ray.analysis.evaluation import evaluation_dataset, load_run_cases, progress_bar, segment
+from hypersort_ray.config import ExperimentConfig
+from hypersort_ray.data.datalist import Case
 from hypersort_ray.errors import ConfigError, DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+from hypersort_ray.runs import RunDir
 
 __all__ = [
     "BASELINE_COLUMNS",
@@ -162,8 +155,64 @@ def _train_fold(
     return net.eval().requires_grad_(False)
 
 
+def _out_of_fold_scores(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    cases: Sequence[Case],
+    fold_of: np.ndarray,
+    *,
+    epochs: int,
+    seed: int,
+    device: str,
+    bar: Any,
+) -> list[dict[str, Any]]:
+    """Train one plain UNet per fold; score its held-out cases with it (Test-Dice, cleanlab).
+
+    Args:
+        run: the run folder (its disk cache).
+        cfg: the run's config.
+        cases: the datalist.
+        fold_of: each case's fold.
+        epochs: epochs per fold.
+        seed: the seed of folds, initialisation, batch order and augmentation.
+        device: where the UNets train.
+        bar: a progress bar advanced once per fold epoch, or None.
+    """
+    import torch
+
+    from hypersort_ray.data.transforms import build_dataset
+
+    pre, k = cfg.preprocessing, cfg.model.unet.out_channels
+    # One training dataset for all folds: each case is preprocessed (and cached) once.
+    cache_dir = cfg.data.cache_dir or run.cache_dir
+    train_ds = build_dataset(cases, pre, k, cache=cfg.data.cache, cache_dir=cache_dir)
+    eval_ds = evaluation_dataset(cases, pre, k)
+    rows: list[dict[str, Any]] = []
+    for fold in range(int(fold_of.max()) + 1):
+        train_pos = [i for i in range(len(cases)) if fold_of[i] != fold]
+        net = _train_fold(
+            train_ds, train_pos, cfg, epochs=epochs, seed=seed, fold=fold, device=device, bar=bar
+        )
+        for pos in (i for i in range(len(cases)) if fold_of[i] == fold):
+            item = eval_ds[pos]
+            label = np.asarray(item["label"])[0].astype(np.int64)
+            probs = segment(net, item["image"], pre.roi_size, device).numpy()
+            rows.append(
+                {
+                    "index": cases[pos].index,
+                    "case_id": cases[pos].case_id,
+                    "test_dice": 1.0 - dice_score(probs.argmax(0), label, k),
+                    "cleanlab": cleanlab_suspicion(label, probs),
+                }
+            )
+        del net
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
 def run_baselines(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike[str],
     folds: int = 3,
     epochs: int | None = None,
     progress: bool = False,
@@ -175,14 +224,14 @@ def run_baselines(
     """Test-Dice and cleanlab suspicion of every training case from k-fold out-of-fold predictions.
 
     Args:
-        run_dir: a run folder (its ``config.yaml`` names the datalist and the preprocessing).
+        run_dir: a run folder or :class:`RunDir` (its config names the datalist and the preprocessing).
         folds: k (at least 2, at most the number of cases).
-        epochs: epochs per fold; default :func:`equal_compute_epochs` of the run's epochs
-            (``checkpoint/meta.json``, else ``training.epochs``).
+        epochs: epochs per fold; default :func:`equal_compute_epochs` of the epochs the run's checkpoint
+            holds (else ``training.epochs``).
         progress: progress bars on stderr.
         seed: seeds folds, initialisation, batch order and augmentation; default ``training.seed``.
         device: ``cpu`` or ``cuda[:i]``.
-        write: write ``RUN_DIR/analysis/baselines.csv`` (and ``baselines.json``: the settings used).
+        write: save them with :meth:`RunDir.write_baselines` (the table and ``df.attrs``, the settings).
 
     Returns:
         ``DataFrame[index, case_id, test_dice, cleanlab]`` in index order; scores in [0, 1], higher =
@@ -192,58 +241,27 @@ def run_baselines(
     Raises:
         RunError / DataError: not a run folder, missing data, fewer cases than folds.
     """
-    import pandas as pd
-    import torch
-
-    from hypersort_ray.data.transforms import build_dataset
-
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    cfg, cases = load_run_cases(run_dir)
-    n, k = len(cases), cfg.model.unet.out_channels
-    e_run = run_epochs(run_dir, cfg)
+    run = RunDir(run_dir)
+    cfg, cases = load_run_cases(run)
+    e_run = run.trained_epochs() or int(cfg.training.epochs)
     e_fold = equal_compute_epochs(e_run, folds) if epochs is None else int(epochs)
     if e_fold < 1:
         raise ConfigError(f"baseline epochs must be at least 1, got {epochs}")
     seed = int(cfg.training.seed if seed is None else seed)
-    fold_of = assign_folds(n, folds, seed)
-    pre = cfg.preprocessing
-    cache_dir = cfg.data.cache_dir or (run_dir / "cache")
-    # One training dataset for all folds: each case is preprocessed (and cached) once.
-    train_ds = build_dataset(cases, pre, k, cache=cfg.data.cache, cache_dir=cache_dir)
-    eval_ds = evaluation_dataset(cases, pre, k)
-
-    rows: list[dict[str, Any]] = []
+    fold_of = assign_folds(len(cases), folds, seed)
     bar = None
     if progress:
         bar = progress_bar(iter(()), True, "baselines (fold epochs)", total=folds * e_fold, unit="epoch")
     try:
-        for fold in range(folds):
-            train_pos = [i for i in range(n) if fold_of[i] != fold]
-            held_out = [i for i in range(n) if fold_of[i] == fold]
-            net = _train_fold(
-                train_ds, train_pos, cfg, epochs=e_fold, seed=seed, fold=fold, device=device, bar=bar
-            )
-            for pos in held_out:
-                item = eval_ds[pos]
-                label = np.asarray(item["label"])[0].astype(np.int64)
-                probs = segment(net, item["image"], pre.roi_size, device).numpy()
-                rows.append(
-                    {
-                        "index": cases[pos].index,
-                        "case_id": cases[pos].case_id,
-                        "test_dice": 1.0 - dice_score(probs.argmax(0), label, k),
-                        "cleanlab": cleanlab_suspicion(label, probs),
-                    }
-                )
-            del net
-            if device != "cpu" and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        rows = _out_of_fold_scores(
+            run, cfg, cases, fold_of, epochs=e_fold, seed=seed, device=device, bar=bar
+        )
     finally:
         if bar is not None:
             bar.close()
     # Only score columns: consumers (analyze_run's extra_scores, metrics) treat every numeric column as
-    # a score, so the fold assignment goes to attrs / baselines.json instead.
+    # a score, so the fold assignment goes to attrs (saved with the table's settings) instead.
     df = pd.DataFrame(rows, columns=["index", "case_id", *BASELINE_COLUMNS])
     df = df.sort_values("index", kind="stable").reset_index(drop=True)
     df.attrs.update(
@@ -259,15 +277,5 @@ def run_baselines(
         }
     )
     if write:
-        write_baselines(run_dir, df)
+        run.write_baselines(df, df.attrs)
     return df
-
-
-def write_baselines(run_dir: str | Path, df: pd.DataFrame) -> Path:
-    """Write ``RUN_DIR/analysis/baselines.csv`` (and ``baselines.json`` with ``df.attrs``) atomically."""
-    out = Path(run_dir) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "baselines.csv"
-    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "baselines.json", json.dumps(dict(df.attrs), indent=2, default=str) + "\n")
-    return path

@@ -1,9 +1,10 @@
 """``hypersort correct``: re-segment training cases with a style's UNet and write corrected labels.
 
-The corrected label of a case is the chosen style's prediction for its image (``load_model(run).
-predict(image, style=...)``: the run's preprocessing, sliding window, and the geometry replayed back
-to the image grid), written in the **given label's geometry** (its shape, affine, qform/sform codes
-and data type), as ``OUT/<case_id>.nii.gz``, plus ``OUT/corrections.csv``::
+The corrected label of a case is the chosen style's prediction for its image (``model.predict(image,
+style=...)`` of the run's model, which the caller loads: the run's preprocessing, sliding window, and
+the geometry replayed back to the image grid), written in the **given label's geometry** (its shape,
+affine, qform/sform codes and data type; :func:`hypersort_ray.data.nifti.save_like`), as
+``OUT/<case_id>.nii.gz``, plus ``OUT/corrections.csv``::
 
     index,case_id,style,dice_given_vs_corrected,voxels_given,voxels_corrected,voxels_changed,path
 
@@ -16,36 +17,52 @@ the first listed value / 1); a voxel moved to background gets 0. So a multi-stru
 ``voxels_given``/``voxels_corrected`` count foreground-class voxels, ``voxels_changed`` the voxels
 whose value changed.
 
+``top:K`` takes the K most suspicious cases of the run's analysis, which must have been made from the
+run's current checkpoint (:meth:`RunDir.read_suspicion`; a ranking of an older checkpoint is refused
+with :class:`~hypersort_ray.errors.ProvenanceError`).
+
 Safety: input labels are never overwritten. An output folder that is, or contains, a folder holding
 the datalist's labels is refused, as is any output file that would be one of the datalist's images or
 labels; every file is written to a temporary name and renamed into place, ``corrections.csv`` last.
 
 Example:
-    >>> correct_cases("runs/demo", cases="top:5", style="main", out_dir=Path("corrected"))  # doctest: +SKIP
+    >>> model = load_model("runs/demo")                                          # doctest: +SKIP
+    >>> correct_cases("runs/demo", model, cases="top:5", out_dir=Path("corrected"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from hypersort_ray.analysis.model_scores import dice_score, load_run_cases, progress_bar
-from hypersort_ray.atomic import atomic_save_nifti
+from hypersort_ray.analysis.dice import dice_score
+from hypersort_ray.analysis.evaluation import (
+    SegmentationModel,
+    check_model_provenance,
+    load_run_cases,
+    progress_bar,
+    read_volume,
+)
+from hypersort_ray.atomic import atomic_write_text
+from hypersort_ray.config import LabelConfig
+from hypersort_ray.data.datalist import Case
+from hypersort_ray.data.nifti import NiftiGeometry, save_like
 from hypersort_ray.errors import DataError, RunError
+from hypersort_ray.runs import RunDir
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hypersort_ray.config import LabelConfig
-    from hypersort_ray.data.datalist import Case
+__all__ = ["CORRECTIONS_COLUMNS", "CORRECTIONS_CSV", "correct_cases", "select_cases"]
 
-__all__ = ["CORRECTIONS_COLUMNS", "correct_cases", "select_cases"]
+logger = logging.getLogger(__name__)
+
+#: The table written beside the corrected labels (in the user's output folder, not the run folder).
+CORRECTIONS_CSV = "corrections.csv"
 
 CORRECTIONS_COLUMNS = (
     "index",
@@ -60,64 +77,40 @@ CORRECTIONS_COLUMNS = (
 
 
 # ------------------------------------------------------------------------------------------ selection
-def _read_suspicion(run_dir: Path) -> list[tuple[int, str]]:
-    path = run_dir / "analysis" / "suspicion.csv"
-    if not path.is_file():
+def _ranking(run: RunDir) -> list[tuple[int, str]]:
+    """The analysis' ranking, most suspicious first, refused when made from another checkpoint."""
+    if not run.analysis.suspicion_csv.is_file():
         raise RunError(
-            f"{path}: not found; run `hypersort analyze {run_dir}` first (top:K takes the K most "
-            "suspicious cases of its ranking), or pass case ids: --cases id,id"
+            f"{run.analysis.suspicion_csv}: not found; run `hypersort analyze {run.path}` first (top:K takes "
+            "the K most suspicious cases of its ranking), or pass case ids: --cases id,id"
         )
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            if "index" not in fields or "case_id" not in fields:
-                raise RunError(
-                    f"{path}: expected columns index,case_id,...; got {','.join(fields) or 'nothing'}"
-                )
-            return [(int(row["index"]), str(row["case_id"])) for row in reader]
-    except (OSError, ValueError, TypeError) as exc:
-        raise RunError(f"{path}: cannot be read ({exc}); re-run `hypersort analyze {run_dir}`") from exc
+    return run.read_suspicion()
 
 
-def select_cases(run_dir: str | Path, spec: str, cases: Sequence[Case]) -> list[Case]:
+def select_cases(run_dir: str | os.PathLike[str], spec: str, cases: Sequence[Case]) -> list[Case]:
     """The cases named by ``spec``: ``top:K`` (most suspicious first) or ``id,id,...`` (given order).
 
+    Args:
+        run_dir: the run folder (``top:K`` reads its analysis).
+        spec: ``top:K`` or a comma list of case ids.
+        cases: the run's datalist.
+
     Raises:
-        RunError: ``top:K`` without ``analysis/suspicion.csv``, or a ranking with indices the datalist
-            lacks (rows are matched by sample index; differing case ids only warn).
+        RunError: ``top:K`` without an analysis, or a ranking with indices the datalist lacks (rows are
+            matched by sample index; differing case ids are only logged).
+        ProvenanceError: ``top:K`` with an analysis made from another checkpoint than the run's.
         DataError: a malformed spec, or unknown case ids (all listed).
     """
-    run_dir = Path(run_dir)
     text = str(spec).strip()
-    by_id = {c.case_id: c for c in cases}
     if text.lower().startswith("top:"):
         raw = text[4:].strip()
         if not raw.isdigit() or int(raw) < 1:
             raise DataError(f"--cases {spec!r}: top:K needs a positive integer K, e.g. top:10")
-        ranking = _read_suspicion(run_dir)
-        by_index = {c.index: c for c in cases}
-        chosen, renamed = [], []
-        for index, case_id in ranking[: int(raw)]:
-            case = by_index.get(index)
-            if case is None:
-                raise RunError(
-                    f"{run_dir / 'analysis' / 'suspicion.csv'}: sample index {index} ({case_id}) is not in "
-                    f"the run's datalist ({len(cases)} cases); re-run `hypersort analyze {run_dir}`"
-                )
-            if case.case_id != case_id:
-                renamed.append(f"index {index}: {case_id!r} vs {case.case_id!r}")
-            chosen.append(case)
-        if renamed:  # sample identity is the index; the datalist's ids win
-            warnings.warn(
-                f"{run_dir / 'analysis' / 'suspicion.csv'}: case ids differ from the datalist's "
-                f"({'; '.join(renamed[:3])}); cases matched by index",
-                stacklevel=2,
-            )
-        return chosen
+        return _top_cases(RunDir(run_dir), int(raw), cases)
     ids = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     if not ids:
         raise DataError(f"--cases {spec!r}: expected top:K or a comma-separated list of case ids")
+    by_id = {c.case_id: c for c in cases}
     unknown = [i for i in ids if i not in by_id]
     if unknown:
         known = ", ".join(c.case_id for c in list(cases)[:3])
@@ -126,6 +119,30 @@ def select_cases(run_dir: str | Path, spec: str, cases: Sequence[Case]) -> list[
             f"{len(cases)} cases, e.g. {known})"
         )
     return [by_id[i] for i in ids]
+
+
+def _top_cases(run: RunDir, k: int, cases: Sequence[Case]) -> list[Case]:
+    """The ``k`` most suspicious cases of the run's ranking, matched to the datalist by sample index."""
+    ranking_file = run.analysis.suspicion_csv
+    by_index = {c.index: c for c in cases}
+    chosen, renamed = [], []
+    for index, case_id in _ranking(run)[:k]:
+        case = by_index.get(index)
+        if case is None:
+            raise RunError(
+                f"{ranking_file}: sample index {index} ({case_id}) is not in the run's datalist "
+                f"({len(cases)} cases); re-run `hypersort analyze {run.path}`"
+            )
+        if case.case_id != case_id:
+            renamed.append(f"index {index}: {case_id!r} vs {case.case_id!r}")
+        chosen.append(case)
+    if renamed:  # sample identity is the index; the datalist's ids win
+        logger.warning(
+            "%s: case ids differ from the datalist's (%s); cases matched by index",
+            ranking_file,
+            "; ".join(renamed[:3]),
+        )
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------- safety
@@ -190,49 +207,20 @@ def _corrected_label(
     return corrected, stats
 
 
-def _write_like(path: Path, data: np.ndarray, ref: Any) -> None:
-    """Write ``data`` with the reference NIfTI's shape, affine, qform/sform and data type, atomically."""
-
-    header = ref.header.copy()
-    dtype = ref.get_data_dtype()
-    arr = np.ascontiguousarray(data.reshape(ref.shape)).astype(dtype)
-    img = type(ref)(arr, ref.affine, header=header)
-    img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    qform, qcode = ref.get_qform(coded=True)
-    sform, scode = ref.get_sform(coded=True)
-    img.set_qform(qform if qform is not None else ref.affine, code=int(qcode or 0))
-    img.set_sform(sform if sform is not None else ref.affine, code=int(scode or 0))
-    atomic_save_nifti(img, path)
-
-
-def _read_label(case: Case) -> tuple[Any, np.ndarray]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(case.label))
-        raw = np.asanyarray(img.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
-        raise DataError(
-            f"case {case.case_id}: label {case.label}: not a readable NIfTI ({type(exc).__name__}: {exc})"
-        ) from exc
-    while raw.ndim > 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    return img, raw
-
-
 # ------------------------------------------------------------------------------------------- entry
 def correct_cases(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike[str],
+    model: SegmentationModel,
     cases: str,
     style: str = "main",
     out_dir: Path = Path("corrected"),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Segment the chosen training cases with ``style``'s UNet; write corrected labels + corrections.csv.
+    """Segment the chosen training cases with ``style``'s UNet; write corrected labels + corrections table.
 
     Args:
-        run_dir: a trained run folder.
+        run_dir: a trained run folder (or :class:`RunDir`).
+        model: the run's loaded model, with its styles (e.g. ``hypersort_ray.inference.load_model(run_dir)``).
         cases: ``top:K`` (needs ``hypersort analyze`` first) or a comma list of case ids.
         style: ``main`` or a style id of the run.
         out_dir: output folder (created); never the datalist's labels folder or one containing it.
@@ -244,49 +232,23 @@ def correct_cases(
 
     Raises:
         RunError: not a run folder; ``top:K`` before ``hypersort analyze``.
+        ProvenanceError: the model or the ranking comes from another checkpoint than the run's.
         DataError: unknown case ids, an unsafe ``out_dir``, unreadable/mismatched files.
         ModelError: unknown style.
     """
-    from hypersort_ray.inference import load_model
-
-    run_dir = Path(run_dir)
-    _cfg, all_cases = load_run_cases(run_dir)
-    chosen = select_cases(run_dir, cases, all_cases)
+    run = RunDir(run_dir)
+    _cfg, all_cases = load_run_cases(run)
+    chosen = select_cases(run, cases, all_cases)
     out = Path(out_dir).expanduser().resolve()
     _check_out_dir(out, all_cases, chosen)
-    model = load_model(run_dir)
+    check_model_provenance(run, model)
     latent, style_id = model.resolve(style, None)  # unknown style -> ModelError before any work
-    label_cfg, k = model.config.preprocessing.label, model.num_classes
-
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case in progress_bar(chosen, progress, f"correcting ({style_id})", total=len(chosen)):
-        ref, raw = _read_label(case)
-        mask = model.predict(case.image, style=style_id)["mask"]
-        if tuple(mask.shape) != tuple(raw.shape):
-            raise DataError(
-                f"case {case.case_id}: label {case.label} has shape {tuple(raw.shape)} but the image "
-                f"{case.image} has shape {tuple(mask.shape)}; run `hypersort validate-data` on the datalist"
-            )
-        corrected, stats = _corrected_label(raw, mask, label_cfg, k)
-        target = out / f"{case.case_id}.nii.gz"
-        _write_like(target, corrected, ref)
-        rows.append(
-            {"index": case.index, "case_id": case.case_id, "style": style_id, **stats, "path": str(target)}
-        )
-
-    csv_path = out / "corrections.csv"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CORRECTIONS_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, csv_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rows = [
+        _correct_case(case, model, style_id, out)
+        for case in progress_bar(chosen, progress, f"correcting ({style_id})", total=len(chosen))
+    ]
+    csv_path = _write_corrections(out / CORRECTIONS_CSV, rows)  # last: it lists the labels written
     dice = [r["dice_given_vs_corrected"] for r in rows]
     return {
         "out_dir": str(out),
@@ -298,3 +260,28 @@ def correct_cases(
         "mean_dice_given_vs_corrected": round(float(np.mean(dice)), 6) if dice else None,
         "voxels_changed": int(sum(r["voxels_changed"] for r in rows)),
     }
+
+
+def _correct_case(case: Case, model: SegmentationModel, style_id: str, out: Path) -> dict[str, Any]:
+    """Predict one case with the style, write its corrected label in the given label's geometry."""
+    ref, raw = read_volume(case.label, "label", case.case_id)
+    mask = model.predict(case.image, style=style_id)["mask"]
+    if tuple(mask.shape) != tuple(raw.shape):
+        raise DataError(
+            f"case {case.case_id}: label {case.label} has shape {tuple(raw.shape)} but the image "
+            f"{case.image} has shape {tuple(mask.shape)}; run `hypersort validate-data` on the datalist"
+        )
+    corrected, stats = _corrected_label(raw, mask, model.config.preprocessing.label, model.num_classes)
+    target = out / f"{case.case_id}.nii.gz"
+    # The given label's grid, qform/sform and data type: the file replaces it in any viewer or pipeline.
+    save_like(target, corrected, NiftiGeometry.from_header(ref.header), dtype=ref.get_data_dtype())
+    return {"index": case.index, "case_id": case.case_id, "style": style_id, **stats, "path": str(target)}
+
+
+def _write_corrections(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """The corrections table, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CORRECTIONS_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -1,4 +1,4 @@
-"""How well the latent map finds known label problems (``metrics.json``).
+"""How well the latent map finds known label problems (the document ``RunDir.analysis.metrics_json``).
 
 A truth CSV names cases by ``index`` and/or ``case_id`` and carries a numeric column (e.g.
 ``voxels_changed``, the paper's V1→V2 measure) and/or a categorical one (e.g. ``perturbation`` kind or
@@ -12,7 +12,7 @@ the paper's Fig. 2: the mean direction of each kind relative to the main style's
 eroded and dilated sit on opposite sides (cosine < 0). Undefined numbers (one class only, constant
 scores) are ``null`` with a note, never an error.
 
-``metrics.json``::
+The document::
 
     {"truth": {source, joined_on, kind_column, numeric_column, numeric_columns, clean_value,
                n_evaluated, n_missing_truth, missing_truth_case_ids},
@@ -35,11 +35,9 @@ Example:
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,98 +45,19 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score, average_precision_score, roc_auc_score
 
+from hypersort_ray.data.truth import listing as _listing
+from hypersort_ray.data.truth import perturbed_flags, truth_columns
 from hypersort_ray.errors import DataError
 
 __all__ = [
-    "CLEAN_VALUES",
     "AlignedTruth",
     "align_truth",
     "compute_metrics",
     "direction_cosines",
-    "read_truth_csv",
 ]
 
-# Values of a categorical truth column that mean "this label is fine".
-CLEAN_VALUES = ("none", "clean", "normal", "ok", "correct", "unperturbed", "original", "unchanged")
-KIND_PREFERENCE = (
-    "perturbation",
-    "kind",
-    "error_type",
-    "error",
-    "rater",
-    "annotator",
-    "style",
-    "category",
-    "group",
-)
-NUMERIC_PREFERENCE = (
-    "voxels_changed",
-    "changed_voxels",
-    "voxels_modified",
-    "n_changed",
-    "severity",
-    "iterations",
-)
 # Pairs of kinds the paper expects on opposite sides of the main style.
 OPPOSITE_PAIRS = (("eroded", "dilated"), ("partial_eroded", "partial_dilated"))
-_SHOW = 10  # ids listed in an error or note before "... and N more"
-
-
-def _listing(values: Sequence[Any]) -> str:
-    shown = ", ".join(str(v) for v in list(values)[:_SHOW])
-    more = len(values) - _SHOW
-    return shown + (f" ... and {more} more" if more > 0 else "")
-
-
-# ---------------------------------------------------------------------------------------- reading
-def read_truth_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read and check a truth CSV.
-
-    Args:
-        path: the CSV file.
-
-    Returns:
-        The table; ``index`` (if present) as int64, ``case_id`` (if present) as str.
-
-    Raises:
-        DataError: missing/unreadable file, no ``index``/``case_id`` column, no other column,
-            non-integer or duplicated ``index``, duplicated ``case_id``, empty table. The message names
-            the file and the problem.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: truth CSV not found")
-    try:
-        frame = pd.read_csv(path, dtype={"case_id": str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if not {"index", "case_id"} & set(frame.columns):
-        raise DataError(f"{path}: needs an 'index' or 'case_id' column; found {', '.join(frame.columns)}")
-    if len(frame) == 0:
-        raise DataError(f"{path}: no rows")
-    if len(set(frame.columns) - {"index", "case_id"}) == 0:
-        raise DataError(f"{path}: no truth column besides index/case_id (e.g. perturbation, voxels_changed)")
-    if "index" in frame.columns:
-        raw = frame["index"]
-        as_num = pd.to_numeric(raw, errors="coerce")
-        bad = raw[as_num.isna() | (as_num != np.floor(as_num)) | (as_num < 0)]
-        if len(bad):
-            rows = [int(i) + 2 for i in bad.index]  # +2: header line and 1-based lines
-            raise DataError(f"{path}: 'index' must be non-negative integers; bad on lines {_listing(rows)}")
-        frame["index"] = as_num.astype(np.int64)
-        dup = frame["index"][frame["index"].duplicated()].unique().tolist()
-        if dup:
-            raise DataError(f"{path}: duplicated index values {_listing(dup)}")
-    if "case_id" in frame.columns:
-        if frame["case_id"].isna().any():
-            rows = [int(i) + 2 for i in frame.index[frame["case_id"].isna()]]
-            raise DataError(f"{path}: empty case_id on lines {_listing(rows)}")
-        frame["case_id"] = frame["case_id"].astype(str).str.strip()
-        dup = frame["case_id"][frame["case_id"].duplicated()].unique().tolist()
-        if dup:
-            raise DataError(f"{path}: duplicated case_id values {_listing(dup)}")
-    return frame
 
 
 # ------------------------------------------------------------------------------------------- align
@@ -184,35 +103,6 @@ class AlignedTruth:
         return None
 
 
-def _pick_columns(frame: pd.DataFrame) -> tuple[str | None, list[str]]:
-    """(kind column, numeric columns with the preferred one first)."""
-    candidates = [c for c in frame.columns if c not in ("index", "case_id")]
-    lower = {c.lower(): c for c in candidates}
-    kind = next((lower[k] for k in KIND_PREFERENCE if k in lower), None)
-    if kind is None:
-        kind = next((c for c in candidates if not pd.api.types.is_numeric_dtype(frame[c])), None)
-    numeric = [c for c in candidates if c != kind and pd.api.types.is_numeric_dtype(frame[c])]
-    preferred = [lower[k] for k in NUMERIC_PREFERENCE if k in lower and lower[k] in numeric]
-    numeric = preferred[:1] + [c for c in numeric if c not in preferred[:1]]
-    return kind, numeric
-
-
-def _perturbed(
-    frame: pd.DataFrame, kind: str | None, numeric: list[str]
-) -> tuple[np.ndarray | None, str | None]:
-    """Clean-vs-perturbed per row: kind != clean value, else primary numeric > 0."""
-    if kind is not None:
-        values = frame[kind].astype(str).str.strip().str.lower()
-        clean = next((v for v in CLEAN_VALUES if (values == v).any()), None)
-        if clean is not None:
-            return (values != clean).to_numpy(), clean
-    if numeric:
-        column = pd.to_numeric(frame[numeric[0]], errors="coerce")
-        if column.notna().all() and (column >= 0).all():
-            return (column > 0).to_numpy(), None
-    return None, None
-
-
 def align_truth(
     truth: pd.DataFrame,
     indices: Sequence[int] | np.ndarray,
@@ -222,7 +112,7 @@ def align_truth(
     """Match truth rows to the run's cases (by ``index`` if the truth has it, else by ``case_id``).
 
     Args:
-        truth: from :func:`read_truth_csv`.
+        truth: from :func:`hypersort_ray.data.truth.read_truth_csv`.
         indices: the run's sample indices (row order of the run).
         case_ids: the run's case ids, row-aligned.
         source: file name used in messages.
@@ -272,8 +162,8 @@ def align_truth(
             "metrics use the cases that have truth",
             stacklevel=2,
         )
-    kind, numeric = _pick_columns(frame)
-    perturbed, clean = _perturbed(frame, kind, numeric)
+    kind, numeric = truth_columns(frame)
+    perturbed, clean = perturbed_flags(frame, kind, numeric)
     sample_indices = np.asarray([idx[r] for r in rows], dtype=np.int64)
     return AlignedTruth(
         rows, sample_indices, frame, joined_on, kind, numeric, clean, perturbed, missing, source
@@ -409,7 +299,7 @@ def compute_metrics(
         main_key: the main style's key.
 
     Returns:
-        The ``metrics.json`` document (see the module docstring); undefined values are None.
+        The metrics document (see the module docstring); undefined values are None.
     """
     latents = np.asarray(latents, dtype=np.float64)
     styles = np.asarray([str(s) for s in styles])

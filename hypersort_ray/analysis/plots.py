@@ -211,6 +211,7 @@ def latent_map_html(
     thumbnails: Mapping[int, str] | None = None,
     kinds: Sequence[str] | None = None,
     title: str = "HyperSORT latent map",
+    download_name: str = "latent-map",
 ) -> str:
     """A self-contained interactive latent map (plotly.js embedded, no network access needed).
 
@@ -224,6 +225,7 @@ def latent_map_html(
         thumbnails: sample index -> PNG data URI.
         kinds: truth kind per row (marker symbol), or None.
         title: page title.
+        download_name: file name (without extension) of the toolbar's PNG download.
 
     Returns:
         The HTML page as text.
@@ -301,7 +303,7 @@ def latent_map_html(
         include_plotlyjs=True,
         post_script=_HOVER_JS,
         div_id="latent-map",
-        config={"displaylogo": False, "toImageButtonOptions": {"filename": "latent_map"}},
+        config={"displaylogo": False, "toImageButtonOptions": {"filename": download_name}},
     )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
@@ -320,7 +322,7 @@ _LATENT_COLUMNS = ("latent_norm_mean", "latent_norm_max")
 
 
 def loss_curves_png(history: pd.DataFrame) -> bytes:
-    """Training curves from ``history.csv``: losses, Dice, latent norms and any ``auroc_*`` columns.
+    """Training curves from the run's history: losses, Dice, latent norms and any ``auroc_*`` columns.
 
     Args:
         history: one row per epoch with an ``epoch`` column (else the row number is used).

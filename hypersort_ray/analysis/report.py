@@ -1,7 +1,7 @@
-"""The curation report: one self-contained HTML page per analysed run (``report.html``).
+"""The curation report: one self-contained HTML page per analysed run (``RunDir.analysis.report_html``).
 
 Plain HTML and CSS, every figure embedded as a base64 PNG; it opens offline and can be mailed as one
-file. The interactive map is the separate ``latent_map.html`` (linked relatively, also self-contained).
+file. The interactive map is a separate page beside it (linked relatively, also self-contained).
 
 Sections: dataset summary, latent map, styles, the top-k suspicious cases with slice thumbnails
 (image + given label; + main-style prediction and its Dice when a predictor was available), metrics vs
@@ -9,7 +9,7 @@ the truth (every score side by side), training curves, and the settings used.
 
 Example:
     >>> page = build_report(inputs)       # doctest: +SKIP
-    >>> Path("report.html").write_text(page)  # doctest: +SKIP
+    >>> run.analysis.report_html.write_text(page)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ class ReportInputs:
         latent_map_png: the static map.
         latent_map_html: relative link to the interactive map (None: not written).
         loss_curves_png: training curves (None: no history).
-        metrics: ``metrics.json`` document (None without truth).
+        ranking_csv: file name of the full ranking, shown under the top-k table (None: not mentioned).
+        history_csv: file name of the training history, named when it gave no curves (None: generic).
+        metrics: the metrics document (:func:`~.metrics.compute_metrics`) (None without truth).
         thumbnails: sample index -> thumbnail of the top-k cases.
         style_thumbnails: style key -> montage of the style's medoid case (image, given label and the
             style's prediction).
@@ -85,8 +87,10 @@ class ReportInputs:
     top_k: int
     rank_by: str
     latent_map_png: bytes
-    latent_map_html: str | None = "latent_map.html"
+    latent_map_html: str | None = None
     loss_curves_png: bytes | None = None
+    ranking_csv: str | None = None
+    history_csv: str | None = None
     metrics: Mapping[str, Any] | None = None
     thumbnails: Mapping[int, CaseThumbnail] = field(default_factory=dict)
     style_thumbnails: Mapping[str, CaseThumbnail] = field(default_factory=dict)
@@ -240,9 +244,10 @@ def _suspicious(inp: ReportInputs) -> str:
             img = f"<img class='thumb' alt='slices' src='{data_uri(thumb.png)}'>" if thumb else ""
             cells.append(f"<td>{img}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    full = f" Full ranking: <code>{_e(inp.ranking_csv)}</code>." if inp.ranking_csv else ""
     return (
         f"<h2>Top {len(table)} suspicious cases</h2>"
-        f"<p>Ranked by <code>{_e(inp.rank_by)}</code>. Full ranking: <code>suspicion.csv</code>.</p>"
+        f"<p>Ranked by <code>{_e(inp.rank_by)}</code>.{full}</p>"
         f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>"
     )
 
@@ -323,7 +328,8 @@ def _metrics(inp: ReportInputs) -> str:
 
 def _curves(inp: ReportInputs) -> str:
     if inp.loss_curves_png is None:
-        return "<h2>Training curves</h2><p class='muted'>No usable history.csv in the run folder.</p>"
+        what = _e(inp.history_csv) if inp.history_csv else "training history"
+        return f"<h2>Training curves</h2><p class='muted'>No usable {what} in the run folder.</p>"
     return (
         f"<h2>Training curves</h2><img class='fig' alt='loss curves' src='{data_uri(inp.loss_curves_png)}'>"
     )

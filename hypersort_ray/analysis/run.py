@@ -1,43 +1,47 @@
-"""``hypersort analyze RUN_DIR``: styles, suspicion ranking, metrics, maps and the curation report.
+"""The latent analysis of a run folder: styles, suspicion ranking, metrics, maps and the curation report.
 
-Reads the run folder written by the trainer (``config.yaml``, ``latents.csv``, ``history.csv`` and,
-when present, ``sample_losses.csv``, which adds the ``train_loss`` score: each case's own Dice+CE loss
-averaged over the training epochs) and writes ``RUN_DIR/analysis/``:
+:func:`analyze_run` is ``hypersort analyze --latent-only``; :func:`~.analyze.analyze` adds the
+model-based scores and composes the same steps. Both read the run through
+:class:`~hypersort_ray.runs.RunDir` (its config, latents, per-epoch history and, when present, per-case
+training losses: the ``train_loss`` score, each case's own Dice+CE loss averaged over the epochs) and
+write its analysis folder (``run.analysis``):
 
-====================  ==================================================================================
-``suspicion.csv``     ``index,case_id,latent_norm,mean_distance,outlier_score,style[,extra scores]``, most
-                      suspicious first (ranked by ``latent_norm`` unless told otherwise)
-``styles.json``       ``{method, params, main_style, main_numeric_id, n_styles, n_outliers, styles: [{id,
-                      numeric_id, name, size, centroid, latent, medoid_index, medoid_case_id, mean_norm,
-                      member_indices, members}]}``
-``metrics.json``      only with a truth CSV (:mod:`.metrics`)
-``latent_map.png``    static map; ``latent_map.html``: interactive, self-contained
-``loss_curves.png``   from ``history.csv`` (skipped with a note when there is none)
-``report.html``       the curation report (:mod:`.report`)
-====================  ==================================================================================
+=====================  ===============================================================================
+``suspicion_csv``      ``index,case_id,latent_norm,mean_distance,outlier_score,style[,extra scores]``,
+                       most suspicious first (ranked by ``latent_norm`` unless told otherwise)
+``styles_json``        the fitted styles (:meth:`~.styles.StyleModel.to_json`) + the checkpoint's identity
+``metrics_json``       only with a truth CSV (:mod:`.metrics`); an older one is removed without truth
+``latent_map_png``     static map; ``latent_map_html``: interactive, self-contained
+``loss_curves_png``    from the history (skipped with a note when there is none)
+``report_html``        the curation report (:mod:`.report`)
+``provenance_json``    written last: the checkpoint the outputs were made from
+=====================  ===============================================================================
 
-Each file is written to a temporary name and renamed, so a crash never leaves a truncated file.
+The steps, one function each and in this order: :func:`read_inputs` → :func:`fit_styles` →
+:func:`score_cases` → :func:`truth_metrics` → :func:`draw_figures` → :func:`render_report` (together
+:func:`compute_analysis`, which writes nothing) → :func:`write_analysis` → :func:`summarize`.
 
-Model-based parts are optional and come in through two hooks, so this module never imports torch:
+Model-based parts come in through two hooks, so this module never loads a model:
 
-* ``predictor(style_or_latent, case_indices) -> {index: label map}``: segments the given training
-  cases with a style (``"main"``, a style key, or an explicit latent vector) and returns integer class
-  maps in each case's label grid. With it, ``main_style_disagreement = 1 - Dice(main-style
-  prediction, given label)`` becomes a score column, and the report's thumbnails show the prediction.
-* ``extra_scores``: more score columns computed elsewhere (e.g. ``analysis.model_scores``), as a
-  DataFrame with an ``index`` column or a mapping name -> values in latents.csv row order.
+* ``predictor`` (:data:`~.evaluation.Predictor`): segments training cases with a style or a latent. With
+  it, ``main_style_disagreement = 1 - Dice(main-style prediction, given label)`` becomes a score
+  column (unless given as an extra score), and the report's thumbnails show the prediction.
+* ``extra_scores``: more score columns computed elsewhere (e.g. :mod:`.model_scores`), as a DataFrame
+  with an ``index`` column or a mapping name -> values in the latents' row order.
 
 Example:
-    >>> summary = analyze_run(Path("runs/demo"), truth=Path("synth/truth.csv"))   # doctest: +SKIP
-    >>> summary["n_styles"], summary["top_suspicious"][:2]                         # doctest: +SKIP
+    >>> summary = analyze_run("runs/demo", truth=Path("synth/truth.csv"))     # doctest: +SKIP
+    >>> summary["n_styles"], summary["top_suspicious"][:2]                     # doctest: +SKIP
     (3, ['case_0042', 'case_0007'])
 """
 
 from __future__ import annotations
 
-import sys
+import logging
+import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,46 +50,183 @@ import pandas as pd
 from pydantic import ValidationError
 
 from hypersort_ray.analysis import plots
-from hypersort_ray.analysis.metrics import align_truth, compute_metrics, read_truth_csv
-from hypersort_ray.analysis.report import CaseThumbnail, ReportInputs, build_report
-from hypersort_ray.analysis.scores import DEFAULT_RANK_BY, suspicion_table, write_suspicion_csv
+from hypersort_ray.analysis.dice import dice_score
+from hypersort_ray.analysis.evaluation import (
+    Predictor,
+    datalist_path,
+    predict_cases,
+    progress_bar,
+    read_volume,
+)
+from hypersort_ray.analysis.figures import Figures, case_thumbnails, style_montages
+from hypersort_ray.analysis.metrics import AlignedTruth, align_truth, compute_metrics
+from hypersort_ray.analysis.report import ReportInputs, build_report
+from hypersort_ray.analysis.scores import (
+    DEFAULT_RANK_BY,
+    MAIN_STYLE_DISAGREEMENT,
+    OWN_VS_MAIN_DISAGREEMENT,
+    SCORE_COLUMNS,
+    TRAIN_LOSS,
+    suspicion_table,
+    write_suspicion_csv,
+)
 from hypersort_ray.analysis.styles import StyleModel, discover_styles
 from hypersort_ray.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from hypersort_ray.config import (
-    AnalysisConfig,
-    ExperimentConfig,
-    apply_overrides,
-    format_validation_error,
-    load_config,
-)
+from hypersort_ray.config import AnalysisConfig, ExperimentConfig, apply_overrides, format_validation_error
+from hypersort_ray.data.datalist import Case, load_datalist
+from hypersort_ray.data.truth import read_truth_csv, resolve_truth_path
 from hypersort_ray.errors import ConfigError, DataError, RunError
+from hypersort_ray.runs import RunDir
 
 __all__ = [
-    "ANALYSIS_DIR",
-    "Predictor",
+    "LatentAnalysis",
+    "RunInputs",
     "analysis_settings",
     "analyze_run",
-    "dice",
-    "resolve_truth_path",
+    "compute_analysis",
+    "draw_figures",
+    "fit_styles",
+    "read_inputs",
+    "render_report",
+    "score_cases",
     "styles_of_run",
+    "summarize",
+    "truth_metrics",
+    "write_analysis",
 ]
 
-ANALYSIS_DIR = "analysis"
-# A predictor segments training cases: (style key or latent vector, sample indices) -> {index: class map}.
-#: score column: mean over epochs of each case's own training loss (``sample_losses.csv``)
-TRAIN_LOSS = "train_loss"
+logger = logging.getLogger(__name__)
 
-Predictor = Callable[[str | np.ndarray, Sequence[int]], Mapping[int, np.ndarray]]
 # Cases handed to the predictor per call when scoring every case (bounds its memory).
 PREDICT_CHUNK = 8
+# Scores whose AUROC/Spearman the summary reports (when the metrics have them).
+KEY_SCORES = (*SCORE_COLUMNS, TRAIN_LOSS, MAIN_STYLE_DISAGREEMENT, OWN_VS_MAIN_DISAGREEMENT)
 
 
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"analyze: {message}", file=sys.stderr, flush=True)
+@dataclass
+class RunInputs:
+    """What the analysis reads from a run before any computing.
+
+    Attributes:
+        run: the run folder.
+        cfg: its config.
+        settings: the analysis settings (overrides applied).
+        rank_by: the score column that ranks the suspicion table.
+        indices, case_ids, latents: the latents table (sorted by sample index).
+        history: the per-epoch history (None when unusable; a note says why).
+        truth_path: the truth CSV used (None: no metrics).
+        truth: the truth aligned to the run's cases.
+        cases: datalist cases by sample index ({} when the datalist is unusable; a note says why).
+        notes: what the reader of the report should know (skipped parts and why); later steps add to it.
+    """
+
+    run: RunDir
+    cfg: ExperimentConfig
+    settings: AnalysisConfig
+    rank_by: str
+    indices: np.ndarray
+    case_ids: list[str]
+    latents: np.ndarray
+    history: pd.DataFrame | None
+    truth_path: Path | None
+    truth: AlignedTruth | None
+    cases: dict[int, Case]
+    notes: list[str]
 
 
-# ------------------------------------------------------------------------------------- run folder
+@dataclass
+class LatentAnalysis:
+    """The computed analysis, not yet written.
+
+    Attributes:
+        inputs: what was read.
+        styles: the fitted styles.
+        table: the ranked suspicion table.
+        metrics: the metrics document (None without truth).
+        figures: maps, curves and thumbnails.
+        report_html: the report page.
+    """
+
+    inputs: RunInputs
+    styles: StyleModel
+    table: pd.DataFrame
+    metrics: dict[str, Any] | None
+    figures: Figures
+    report_html: str
+
+
+# ------------------------------------------------------------------------------------------ entry
+def analyze_run(
+    run_dir: str | os.PathLike[str],
+    truth: Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    predictor: Predictor | None = None,
+    *,
+    rank_by: str | None = None,
+    extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """Analyse a run folder and write its analysis folder (contents in the module docstring).
+
+    Args:
+        run_dir: the run folder written by ``hypersort train`` (or a :class:`RunDir`).
+        truth: truth CSV; default ``data.truth`` of the run's config, else ``truth.csv`` beside the
+            datalist, else none (no metrics).
+        overrides: ``key=value`` on the analysis settings (``min_cluster_size=5``,
+            ``cluster_selection_method=leaf``, ``top_k=20``; ``analysis.`` prefix optional).
+        progress: progress bars on stderr (stage messages go to this module's logger).
+        predictor: optional model hook (module docstring); None skips model-based parts.
+        rank_by: score column ranking the suspicion table (default ``analysis.rank_by``).
+        extra_scores: optional extra score columns (module docstring).
+
+    Returns:
+        Summary (:func:`summarize`): output paths, number of styles, main style size, top-5 suspicious
+        case ids, key metrics (AUROC/Spearman per score, ARI, eroded/dilated cosine) and notes.
+
+    Raises:
+        RunError: missing run folder/config/latents, latent dimension mismatch.
+        ConfigError: bad override, config or ranking column.
+        DataError: bad truth CSV (unknown ids, malformed), or a predictor output not matching a label.
+    """
+    run = RunDir(run_dir)
+    result = compute_analysis(
+        run, truth, overrides, progress, predictor, rank_by=rank_by, extra_scores=extra_scores
+    )
+    run.begin_analysis()
+    files = write_analysis(run, result)
+    run.write_analysis_provenance(files)
+    logger.info("wrote %s", run.analysis.folder)
+    return summarize(result, files)
+
+
+def compute_analysis(
+    run_dir: str | os.PathLike[str],
+    truth: Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    predictor: Predictor | None = None,
+    *,
+    rank_by: str | None = None,
+    extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
+) -> LatentAnalysis:
+    """Every step of the analysis up to the files: read, fit, score, measure, draw, render.
+
+    Nothing is written, so a failure leaves the previous analysis as it was. Arguments as for
+    :func:`analyze_run`.
+    """
+    run = RunDir(run_dir)
+    logger.info("reading %s", run.path)
+    inputs = read_inputs(run, truth, overrides, rank_by)
+    logger.info("styles of %d latents (d = %d)", len(inputs.indices), inputs.latents.shape[1])
+    styles = fit_styles(inputs.latents, inputs.case_ids, inputs.indices, inputs.settings)
+    table = score_cases(inputs, styles, predictor, extra_scores, progress)
+    metrics = truth_metrics(inputs, table, styles)
+    figures = draw_figures(inputs, styles, table, predictor)
+    page = render_report(inputs, styles, table, metrics, figures, predictor is not None)
+    return LatentAnalysis(inputs, styles, table, metrics, figures, page)
+
+
+# ----------------------------------------------------------------------------------------- inputs
 def analysis_settings(cfg: ExperimentConfig, overrides: Sequence[str] | None) -> AnalysisConfig:
     """The run's analysis settings with ``key=value`` overrides applied and validated.
 
@@ -107,195 +248,180 @@ def analysis_settings(cfg: ExperimentConfig, overrides: Sequence[str] | None) ->
         raise ConfigError(format_validation_error(err, "analyze --set")) from None
 
 
-def _load_run(run_dir: Path) -> tuple[ExperimentConfig, np.ndarray, list[str], np.ndarray]:
-    """Config and latents of a run folder, checked against each other."""
-    from hypersort_ray.train.latents_io import read_latents_csv
+def read_inputs(
+    run: RunDir, truth: Path | None, overrides: Sequence[str] | None, rank_by: str | None
+) -> RunInputs:
+    """Config, latents and settings (errors), then history, truth and cases (notes where optional).
 
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run folder not found")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise RunError(f"{config_path}: not found; is {run_dir} a run folder written by `hypersort train`?")
-    cfg = load_config(config_path)
-    latents_path = run_dir / "latents.csv"
-    if not latents_path.is_file():
-        raise RunError(f"{latents_path}: not found; the run has no latents (did training finish?)")
-    indices, case_ids, latents = read_latents_csv(latents_path)
-    if len(indices) == 0:
-        raise RunError(f"{latents_path}: no cases")
-    expected = cfg.model.hypernet.latent_dim
-    if latents.shape[1] != expected:
-        raise RunError(
-            f"{latents_path}: latents have {latents.shape[1]} dimensions but {config_path} says "
-            f"model.hypernet.latent_dim = {expected}"
-        )
-    if not np.isfinite(latents).all():
-        bad = [case_ids[i] for i in np.flatnonzero(~np.isfinite(latents).all(axis=1))[:10]]
-        raise RunError(f"{latents_path}: NaN or infinite latents for {', '.join(bad)}")
-    return cfg, indices, case_ids, latents
-
-
-def _read_history(run_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
-    path = run_dir / "history.csv"
-    if not path.is_file():
-        return None, f"{path.name} not found: no training curves"
-    try:
-        history = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        return None, f"{path.name} is not a readable CSV ({str(exc).splitlines()[0]}): no training curves"
-    if history.empty:
-        return None, f"{path.name} has no rows: no training curves"
-    return history, None
-
-
-def _existing(path: Path | None, run_dir: Path) -> Path | None:
-    """``path`` as given, else relative to the run folder (runs are often moved with their data)."""
-    if path is None:
-        return None
-    for candidate in (path, run_dir / path):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def resolve_truth_path(cfg: ExperimentConfig, run_dir: Path, truth: Path | None) -> Path | None:
-    """The truth CSV to use: the explicit one, ``data.truth``, or ``truth.csv`` beside the datalist.
+    The truth is read before any expensive work, so a bad file fails fast.
 
     Args:
-        cfg: the run's config.
-        run_dir: the run folder (relative config paths are also tried against it).
-        truth: an explicit path (must exist), or None.
-
-    Raises:
-        DataError: the explicit truth file does not exist.
+        run: the run folder.
+        truth: an explicit truth CSV, or None (resolved from the config).
+        overrides: analysis setting overrides.
+        rank_by: the ranking column (None: ``analysis.rank_by``).
     """
-    if truth is not None:
-        truth = Path(truth)
-        if not truth.is_file():
-            raise DataError(f"{truth}: truth CSV not found")
-        return truth
-    configured = _existing(cfg.data.truth, run_dir)
-    if configured is not None and configured.is_file():
-        return configured
-    datalist = _existing(cfg.data.datalist, run_dir)
-    if datalist is not None:
-        beside = (datalist if datalist.is_dir() else datalist.parent) / "truth.csv"
-        if beside.is_file():
-            return beside
-    return None
+    cfg = run.read_config()
+    indices, case_ids, latents = run.read_latents(cfg.model.hypernet.latent_dim)
+    settings = analysis_settings(cfg, overrides)
+    notes: list[str] = []
+    history = _read_history(run, notes)
+    truth_path = resolve_truth_path(truth, cfg.data.truth, cfg.data.datalist, base=run.path)
+    aligned = _read_truth(truth_path, indices, case_ids, notes) if truth_path is not None else None
+    cases = _load_cases(cfg, run, indices, case_ids, notes)
+    return RunInputs(
+        run=run,
+        cfg=cfg,
+        settings=settings,
+        rank_by=rank_by or settings.rank_by or DEFAULT_RANK_BY,
+        indices=indices,
+        case_ids=case_ids,
+        latents=latents,
+        history=history,
+        truth_path=truth_path,
+        truth=aligned,
+        cases=cases,
+        notes=notes,
+    )
+
+
+def _read_history(run: RunDir, notes: list[str]) -> pd.DataFrame | None:
+    """The per-epoch history, or None with a note (a run without curves is still worth analysing)."""
+    name = run.history_csv.name
+    try:
+        history = run.read_history()
+    except RunError as exc:
+        notes.append(f"{name} is not usable ({exc}): no training curves")
+        return None
+    if history is None:
+        notes.append(f"{name} not found: no training curves")
+    return history
+
+
+def _read_truth(path: Path, indices: np.ndarray, case_ids: Sequence[str], notes: list[str]) -> AlignedTruth:
+    """The truth aligned to the run's cases; alignment warnings become notes (and log lines)."""
+    frame = read_truth_csv(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aligned = align_truth(frame, indices, case_ids, source=str(path))
+    for w in caught:
+        notes.append(str(w.message))
+        logger.warning("%s", w.message)
+    return aligned
 
 
 def _load_cases(
-    cfg: ExperimentConfig, run_dir: Path, indices: np.ndarray, case_ids: Sequence[str]
-) -> tuple[dict[int, Any], str | None]:
-    """Datalist cases by sample index, or ({}, why not)."""
-    datalist = _existing(cfg.data.datalist, run_dir)
+    cfg: ExperimentConfig, run: RunDir, indices: np.ndarray, case_ids: Sequence[str], notes: list[str]
+) -> dict[int, Case]:
+    """Datalist cases by sample index, or {} with a note saying why (then no thumbnails)."""
+    datalist = datalist_path(cfg, run)
     if datalist is None:
         where = cfg.data.datalist or "data.datalist (not set)"
-        return {}, f"datalist {where} not found: no slice thumbnails"
+        notes.append(f"datalist {where} not found: no slice thumbnails")
+        return {}
     try:
-        from hypersort_ray.data.datalist import load_datalist
-
         cases = load_datalist(datalist)
-    except (DataError, ImportError) as exc:
-        return {}, f"datalist {datalist} unusable ({exc}): no slice thumbnails"
+    except DataError as exc:
+        notes.append(f"datalist {datalist} unusable ({exc}): no slice thumbnails")
+        return {}
     by_index = {c.index: c for c in cases}
     run_ids = {int(i): c for i, c in zip(indices, case_ids, strict=True)}
-    unknown = sorted(set(run_ids) - set(by_index))
-    if unknown:
-        return {}, (
-            f"datalist {datalist} has {len(cases)} cases but latents.csv has sample indices up to "
+    latents_name = run.latents_csv.name
+    if set(run_ids) - set(by_index):
+        notes.append(
+            f"datalist {datalist} has {len(cases)} cases but {latents_name} has sample indices up to "
             f"{max(run_ids)}: not the run's dataset, no slice thumbnails"
         )
+        return {}
     clash = [i for i in run_ids if run_ids[i] != by_index[i].case_id]
     if len(clash) > max(1, len(run_ids) // 20):
-        return {}, (
-            f"datalist {datalist} does not match latents.csv for {len(clash)} cases (e.g. index {clash[0]}: "
-            f"{by_index[clash[0]].case_id!r} vs {run_ids[clash[0]]!r}): no slice thumbnails"
+        notes.append(
+            f"datalist {datalist} does not match {latents_name} for {len(clash)} cases (e.g. index "
+            f"{clash[0]}: {by_index[clash[0]].case_id!r} vs {run_ids[clash[0]]!r}): no slice thumbnails"
         )
-    note = None
+        return {}
     if clash:
-        note = (
-            f"datalist case ids differ from latents.csv for index {', '.join(map(str, clash))} "
+        notes.append(
+            f"datalist case ids differ from {latents_name} for index {', '.join(map(str, clash))} "
             f"(e.g. {by_index[clash[0]].case_id!r} vs {run_ids[clash[0]]!r}); matched by sample index"
         )
-    return by_index, note
+    return by_index
 
 
-# ------------------------------------------------------------------------------------ model hooks
-def dice(a: np.ndarray, b: np.ndarray, num_classes: int = 2) -> float:
-    """Mean Dice over foreground classes present in either map (1.0 when none is).
+# ----------------------------------------------------------------------------------------- styles
+def fit_styles(
+    latents: np.ndarray, case_ids: list[str], indices: np.ndarray, settings: AnalysisConfig
+) -> StyleModel:
+    """The one styles fit of a run (``analyze`` and :func:`styles_of_run` must agree).
 
     Args:
-        a, b: integer class maps of equal shape.
-        num_classes: K (classes 1..K-1 are foreground).
+        latents: ``[N, d]`` latents.
+        case_ids: their case ids.
+        indices: their sample indices.
+        settings: the analysis settings (HDBSCAN parameters).
     """
-    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ ({a.shape} vs {b.shape})")
-    values = []
-    for c in range(1, max(num_classes, 2)):
-        in_a, in_b = a == c, b == c
-        denom = int(in_a.sum()) + int(in_b.sum())
-        if denom:
-            values.append(2.0 * int(np.logical_and(in_a, in_b).sum()) / denom)
-    return float(np.mean(values)) if values else 1.0
+    return discover_styles(
+        latents,
+        case_ids,
+        indices,
+        min_cluster_size=settings.min_cluster_size,
+        min_samples=settings.min_samples,
+        cluster_selection_method=settings.cluster_selection_method,
+    )
 
 
-def _read_volume(path: Path, what: str, case_id: str) -> np.ndarray:
-    import nibabel as nib
+def styles_of_run(run_dir: str | os.PathLike[str], overrides: list[str] | None = None) -> StyleModel:
+    """Re-fit the styles of a run (deterministic: the same as ``analyze`` wrote) for ``assign_styles``.
 
+    Args:
+        run_dir: the run folder.
+        overrides: analysis overrides used for the analysis, if any.
+    """
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    indices, case_ids, latents = run.read_latents(cfg.model.hypernet.latent_dim)
+    return fit_styles(latents, case_ids, indices, analysis_settings(cfg, overrides))
+
+
+# ----------------------------------------------------------------------------------------- scores
+def score_cases(
+    inputs: RunInputs,
+    styles: StyleModel,
+    predictor: Predictor | None,
+    extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None,
+    progress: bool,
+) -> pd.DataFrame:
+    """The ranked suspicion table: latent scores, outlier scores, extra and model-based columns.
+
+    Raises:
+        ConfigError: the ranking column is not a score of the table.
+    """
+    extra = _merge_extra_scores(extra_scores, inputs.indices)
+    if TRAIN_LOSS not in extra:
+        train_loss = _train_loss_score(inputs.run, inputs.indices, inputs.notes)
+        if train_loss is not None:
+            extra[TRAIN_LOSS] = train_loss
+    if predictor is None:
+        inputs.notes.append("no model predictor given: model-based scores and prediction thumbnails skipped")
+    elif not inputs.cases:
+        inputs.notes.append(
+            "a model predictor was given but the datalist is unavailable: model-based scores skipped"
+        )
+    elif MAIN_STYLE_DISAGREEMENT not in extra:
+        extra[MAIN_STYLE_DISAGREEMENT] = _main_style_disagreement(predictor, inputs, progress)
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
-        raise DataError(
-            f"case {case_id}: {what} {path}: not a readable NIfTI ({type(exc).__name__})"
-        ) from exc
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data
-
-
-def _predict(
-    predictor: Predictor, style: str | np.ndarray, indices: Sequence[int]
-) -> Mapping[int, np.ndarray]:
-    out = predictor(style, list(indices))
-    missing = [i for i in indices if i not in out]
-    if missing:
-        raise RunError(f"predictor returned no prediction for sample indices {missing[:10]}")
-    return out
-
-
-def _main_style_disagreement(
-    predictor: Predictor, cases: Mapping[int, Any], indices: np.ndarray, cfg: ExperimentConfig, progress: bool
-) -> np.ndarray:
-    """1 - Dice(main-style prediction, given label) per case (NaN where the case has no files)."""
-    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
-
-    label_cfg = cfg.preprocessing.label
-    k = label_cfg.num_classes
-    values = np.full(len(indices), np.nan)
-    todo = [(row, int(i)) for row, i in enumerate(indices) if int(i) in cases]
-    for start in range(0, len(todo), PREDICT_CHUNK):
-        chunk = todo[start : start + PREDICT_CHUNK]
-        _say(progress, f"main-style predictions {start + len(chunk)}/{len(todo)}")
-        preds = _predict(predictor, "main", [i for _, i in chunk])
-        for row, index in chunk:
-            case = cases[index]
-            label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
-            pred = np.asarray(preds[index])
-            if pred.shape != label.shape:
-                raise DataError(
-                    f"case {case.case_id}: prediction shape {pred.shape} differs from label {case.label} {label.shape}"
-                )
-            values[row] = 1.0 - dice(pred, label, k)
-    return values
+        return suspicion_table(
+            inputs.indices, inputs.case_ids, inputs.latents, styles.outlier_scores, styles.keys, extra,
+            rank_by=inputs.rank_by,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"analysis ranking: {exc}") from None
 
 
 def _merge_extra_scores(
     extra: pd.DataFrame | Mapping[str, Sequence[float]] | None, indices: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Extra score columns in latents.csv row order (NaN where a case has no value)."""
+    """Extra score columns in the latents' row order (NaN where a case has no value)."""
     if extra is None:
         return {}
     if isinstance(extra, pd.DataFrame):
@@ -307,118 +433,207 @@ def _merge_extra_scores(
     return {str(k): np.asarray(v, dtype=np.float64) for k, v in extra.items()}
 
 
-def _train_loss_score(run_dir: Path, indices: np.ndarray, notes: list[str]) -> np.ndarray | None:
-    """``train_loss``: each case's own Dice+CE loss averaged over the training epochs (run order).
+def _train_loss_score(run: RunDir, indices: np.ndarray, notes: list[str]) -> np.ndarray | None:
+    """``train_loss`` in run order: each case's own Dice+CE loss averaged over the training epochs.
 
-    From ``sample_losses.csv`` (written by ``hypersort train``); runs without it (older runs, imported
-    reference models) simply have no such column.
+    Runs without a per-sample loss record (older runs, imported reference models) have no such column.
     """
-    from hypersort_ray.train.latents_io import SAMPLE_LOSSES_CSV, read_sample_losses_csv
-
-    path = run_dir / SAMPLE_LOSSES_CSV
-    if not path.is_file():
-        return None
     try:
-        losses = read_sample_losses_csv(path)
+        losses = run.read_sample_losses()
     except RunError as exc:
-        notes.append(f"train_loss skipped: {exc}")
+        notes.append(f"{TRAIN_LOSS} skipped: {exc}")
+        return None
+    if losses is None:
         return None
     values = np.array([losses.get(int(i), np.nan) for i in indices], dtype=np.float64)
     if np.isnan(values).all():
-        notes.append(f"train_loss skipped: {path} has no value for the run's cases")
+        notes.append(f"{TRAIN_LOSS} skipped: {run.sample_losses_csv} has no value for the run's cases")
         return None
     return values
 
 
-# ------------------------------------------------------------------------------------ thumbnails
-def _thumbnails(
-    rows: Sequence[int],
-    indices: np.ndarray,
-    cases: Mapping[int, Any],
-    cfg: ExperimentConfig,
-    predictor: Predictor | None,
-    notes: list[str],
-) -> dict[int, CaseThumbnail]:
-    """Slice montages of the given run rows (image | label | main-style prediction)."""
-    wanted = [int(indices[r]) for r in rows if int(indices[r]) in cases]
-    preds: Mapping[int, np.ndarray] = _predict(predictor, "main", wanted) if predictor and wanted else {}
-    out = {}
-    for index in wanted:
-        thumb = _case_montage(cases[index], cfg, preds.get(index), notes)
-        if thumb is not None:
-            out[index] = thumb
-    return out
-
-
-def _style_montages(
-    model: StyleModel,
-    cases: Mapping[int, Any],
-    cfg: ExperimentConfig,
-    predictor: Predictor | None,
-    notes: list[str],
-) -> dict[str, CaseThumbnail]:
-    """Per style, its medoid case: image | given label | the style's prediction (its segmenting latent).
-
-    The latent is passed explicitly (not the style key): the run's saved styles may be older than the
-    ones fitted now.
-    """
-    out = {}
-    for style in model.styles:
-        case = cases.get(int(style.medoid_index))
-        if case is None:
-            continue
-        pred = None
-        if predictor is not None:
-            latent = np.asarray(style.latent, dtype=np.float64)
-            pred = _predict(predictor, latent, [case.index])[case.index]
-        thumb = _case_montage(
-            case, cfg, pred, notes, titles=("image", "given label", f"{style.name} prediction")
-        )
-        if thumb is not None:
-            out[style.key] = thumb
-    return out
-
-
-def _case_montage(
-    case: Any,
-    cfg: ExperimentConfig,
-    pred: np.ndarray | None,
-    notes: list[str],
-    titles: Sequence[str] | None = None,
-) -> CaseThumbnail | None:
-    """Mid-slice montage of one case with its given label and, when given, a prediction (+ their Dice)."""
+def _main_style_disagreement(predictor: Predictor, inputs: RunInputs, progress: bool) -> np.ndarray:
+    """1 - Dice(main-style prediction, given label) per case (NaN where the case has no files)."""
     from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
 
-    label_cfg = cfg.preprocessing.label
+    label_cfg = inputs.cfg.preprocessing.label
+    values = np.full(len(inputs.indices), np.nan)
+    todo = [(row, int(i)) for row, i in enumerate(inputs.indices) if int(i) in inputs.cases]
+    chunks = [todo[start : start + PREDICT_CHUNK] for start in range(0, len(todo), PREDICT_CHUNK)]
+    for chunk in progress_bar(chunks, progress, "main-style predictions", unit="chunk"):
+        preds = predict_cases(predictor, "main", [i for _, i in chunk])
+        for row, index in chunk:
+            case = inputs.cases[index]
+            label = map_label_values(read_volume(case.label, "label", case.case_id)[1], label_cfg)
+            pred = np.asarray(preds[index])
+            if pred.shape != label.shape:
+                raise DataError(
+                    f"case {case.case_id}: prediction shape {pred.shape} differs from label {case.label} "
+                    f"{label.shape}"
+                )
+            values[row] = 1.0 - dice_score(pred, label, label_cfg.num_classes)
+    return values
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def truth_metrics(inputs: RunInputs, table: pd.DataFrame, styles: StyleModel) -> dict[str, Any] | None:
+    """The metrics document against the truth (None without truth)."""
+    if inputs.truth is None:
+        return None
+    logger.info("metrics vs %s", inputs.truth_path)
+    return compute_metrics(table, inputs.truth, inputs.latents, styles.keys, np.asarray(styles.main.centroid))
+
+
+# ---------------------------------------------------------------------------------------- figures
+def draw_figures(
+    inputs: RunInputs, styles: StyleModel, table: pd.DataFrame, predictor: Predictor | None
+) -> Figures:
+    """Latent maps (the top-k cases highlighted), loss curves, case thumbnails and style montages."""
+    logger.info("figures")
+    top_k = min(inputs.settings.top_k, len(table))
+    position = {int(i): r for r, i in enumerate(inputs.indices)}
+    top_rows = [position[int(i)] for i in table["index"].head(top_k)]
+    kinds = _kinds_in_run_order(inputs)
+    cases, cfg, notes = inputs.cases, inputs.cfg, inputs.notes
+    thumbs = case_thumbnails(top_rows, inputs.indices, cases, cfg, predictor, notes) if cases else {}
+    style_thumbs = style_montages(styles, cases, cfg, predictor, notes) if cases else {}
+    map_png = plots.latent_map_png(
+        inputs.latents, styles.keys, inputs.case_ids, highlight=top_rows, kinds=kinds
+    )
+    map_html = plots.latent_map_html(
+        inputs.latents,
+        table.set_index("index").loc[inputs.indices].reset_index(),  # back in the latents' row order
+        thumbnails={i: plots.data_uri(t.png) for i, t in thumbs.items()},
+        kinds=kinds,
+        title=f"HyperSORT latent map: {cfg.name}",
+        download_name=inputs.run.analysis.latent_map_png.stem,
+    )
+    curves = _loss_curves(inputs)
+    return Figures(map_png, map_html, curves, thumbs, style_thumbs, top_k)
+
+
+def _kinds_in_run_order(inputs: RunInputs) -> np.ndarray | None:
+    """The truth's kind per latents row ("?" where a case has no truth), or None without kinds."""
+    if inputs.truth is None or inputs.truth.kinds is None:
+        return None
+    kinds = np.full(len(inputs.indices), "?", dtype=object)
+    kinds[inputs.truth.rows] = inputs.truth.kinds
+    return kinds
+
+
+def _loss_curves(inputs: RunInputs) -> bytes | None:
+    if inputs.history is None:
+        return None
     try:
-        image = _read_volume(case.image, "image", case.case_id).astype(np.float32)
-        label = map_label_values(_read_volume(case.label, "label", case.case_id), label_cfg)
-    except DataError as exc:
-        notes.append(f"thumbnail skipped: {exc}")
+        return plots.loss_curves_png(inputs.history)
+    except ValueError as exc:
+        inputs.notes.append(f"{inputs.run.history_csv.name}: {exc}")
         return None
-    if image.shape[: label.ndim] != label.shape:
-        notes.append(f"thumbnail skipped: case {case.case_id}: image {image.shape} vs label {label.shape}")
-        return None
-    pred = None if pred is None else np.asarray(pred)
-    score = dice(pred, label, label_cfg.num_classes) if pred is not None and pred.shape == label.shape else None
-    png = plots.slice_montage_png(image, label, pred if score is not None else None, titles=titles)
-    return CaseThumbnail(png, score)
 
 
-# -------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------- report
+def render_report(
+    inputs: RunInputs,
+    styles: StyleModel,
+    table: pd.DataFrame,
+    metrics: Mapping[str, Any] | None,
+    figures: Figures,
+    predictor_used: bool,
+) -> str:
+    """The curation report page (:mod:`.report`), linking the interactive map beside it."""
+    cfg, files = inputs.cfg, inputs.run.analysis
+    settings = {
+        "analysis config": inputs.settings.model_dump(),
+        "style method": styles.method,
+        "style parameters": styles.params,
+        "ranking column": inputs.rank_by,
+        "truth": str(inputs.truth_path) if inputs.truth_path else "none",
+        "model predictor": "yes" if predictor_used else "no",
+    }
+    return build_report(
+        ReportInputs(
+            run_dir=str(inputs.run.path),
+            run_name=cfg.name,
+            datalist=str(cfg.data.datalist) if cfg.data.datalist else None,
+            truth=str(inputs.truth_path) if inputs.truth_path else None,
+            styles=styles,
+            table=table,
+            top_k=figures.top_k,
+            rank_by=inputs.rank_by,
+            latent_map_png=figures.latent_map_png,
+            latent_map_html=files.latent_map_html.name,
+            loss_curves_png=figures.loss_curves_png,
+            ranking_csv=files.suspicion_csv.name,
+            history_csv=inputs.run.history_csv.name,
+            metrics=metrics,
+            thumbnails=figures.thumbnails,
+            style_thumbnails=figures.style_thumbnails,
+            settings=settings,
+            notes=inputs.notes,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------- output
+def write_analysis(run: RunDir, result: LatentAnalysis) -> dict[str, str]:
+    """Write every output into ``run.analysis`` (each file atomically).
+
+    The caller calls ``run.begin_analysis()`` before and ``run.write_analysis_provenance(files)`` after,
+    so readers never take a half-rewritten folder for a complete one.
+
+    Returns:
+        ``{file name: path}`` of the files written.
+    """
+    out, figures = run.analysis, result.figures
+    written = [
+        write_suspicion_csv(result.table, out.suspicion_csv),
+        run.write_styles(result.styles.to_json()),
+    ]
+    if result.metrics is not None:
+        written.append(atomic_write_json(out.metrics_json, result.metrics))
+    else:
+        # A metrics document from an earlier analysis with truth would now describe other styles.
+        out.metrics_json.unlink(missing_ok=True)
+    written.append(atomic_write_bytes(out.latent_map_png, figures.latent_map_png))
+    written.append(atomic_write_text(out.latent_map_html, figures.latent_map_html))
+    if figures.loss_curves_png is not None:
+        written.append(atomic_write_bytes(out.loss_curves_png, figures.loss_curves_png))
+    written.append(atomic_write_text(out.report_html, result.report_html))
+    return {Path(p).name: str(p) for p in written}
+
+
+def summarize(result: LatentAnalysis, files: Mapping[str, str]) -> dict[str, Any]:
+    """What ``hypersort analyze`` prints: outputs, style sizes, the top suspicious cases, key metrics.
+
+    Args:
+        result: the computed analysis.
+        files: ``{file name: path}`` written.
+    """
+    inputs, styles, table = result.inputs, result.styles, result.table
+    return {
+        "analysis_dir": str(inputs.run.analysis.folder),
+        "files": dict(files),
+        "n_cases": int(len(inputs.indices)),
+        "latent_dim": int(inputs.latents.shape[1]),
+        "n_styles": len(styles.styles),
+        "main_style_size": styles.main.size,
+        "n_outliers": styles.n_outliers,
+        "style_sizes": {s.key: s.size for s in styles.styles},
+        "rank_by": inputs.rank_by,
+        "top_suspicious": table["case_id"].head(5).tolist(),
+        "truth": str(inputs.truth_path) if inputs.truth_path else None,
+        "metrics": _key_metrics(result.metrics),
+        "notes": inputs.notes,
+    }
+
+
 def _key_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """AUROC and Spearman of the key scores, the styles' ARI and the eroded/dilated cosine."""
     if not metrics:
         return {}
     scores = metrics.get("scores", {})
     out = {}
-    for name in (
-        "latent_norm",
-        "mean_distance",
-        "outlier_score",
-        TRAIN_LOSS,
-        "main_style_disagreement",
-        "own_vs_main_disagreement",
-    ):
+    for name in KEY_SCORES:
         if name in scores:
             out[f"auroc_{name}"] = scores[name].get("auroc")
             out[f"spearman_{name}"] = scores[name].get("spearman")
@@ -427,199 +642,3 @@ def _key_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     if opposite:
         out["opposite_cosine"] = opposite["cosine"]
     return out
-
-
-def _run_order(table: pd.DataFrame, indices: np.ndarray) -> pd.DataFrame:
-    return table.set_index("index").loc[indices].reset_index()
-
-
-def analyze_run(
-    run_dir: Path,
-    truth: Path | None = None,
-    overrides: list[str] | None = None,
-    progress: bool = False,
-    predictor: Predictor | None = None,
-    *,
-    rank_by: str | None = None,
-    extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
-) -> dict[str, Any]:
-    """Analyse a run folder and write ``RUN_DIR/analysis/`` (contents in the module docstring).
-
-    Args:
-        run_dir: the run folder written by ``hypersort train``.
-        truth: truth CSV; default ``data.truth`` of the run's config, else ``truth.csv`` beside the
-            datalist, else none (no ``metrics.json``).
-        overrides: ``key=value`` on the analysis settings (``min_cluster_size=5``,
-            ``cluster_selection_method=leaf``, ``top_k=20``; ``analysis.`` prefix optional).
-        progress: report the stages on stderr.
-        predictor: optional model hook (module docstring); None skips model-based parts.
-        rank_by: score column ranking ``suspicion.csv`` (default ``latent_norm``).
-        extra_scores: optional extra score columns (module docstring).
-
-    Returns:
-        Summary: output paths, number of styles, main style size, top-5 suspicious case ids, key metrics
-        (AUROC/Spearman per score, ARI, eroded/dilated cosine) and notes.
-
-    Raises:
-        RunError: missing run folder/config/latents, latent dimension mismatch.
-        ConfigError: bad override or config.
-        DataError: bad truth CSV (unknown ids, malformed), or a predictor output not matching a label.
-    """
-    run_dir = Path(run_dir)
-    _say(progress, f"reading {run_dir}")
-    cfg, indices, case_ids, latents = _load_run(run_dir)
-    settings = analysis_settings(cfg, overrides)
-    rank_by = rank_by or getattr(settings, "rank_by", None) or DEFAULT_RANK_BY
-    history, history_note = _read_history(run_dir)
-    notes = [history_note] if history_note else []
-    truth_path = resolve_truth_path(cfg, run_dir, truth)
-    aligned = None
-    if truth_path is not None:
-        # Read the truth first: a bad file should fail before any expensive model-based work.
-        frame = read_truth_csv(truth_path)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            aligned = align_truth(frame, indices, case_ids, source=str(truth_path))
-        for w in caught:
-            notes.append(str(w.message))
-            warnings.warn(w.message, stacklevel=2)
-
-    _say(progress, f"styles of {len(indices)} latents (d = {latents.shape[1]})")
-    model = _fit_styles(latents, case_ids, indices, settings)
-
-    cases, cases_note = _load_cases(cfg, run_dir, indices, case_ids)
-    if cases_note:
-        notes.append(cases_note)
-    extra = _merge_extra_scores(extra_scores, indices)
-    if TRAIN_LOSS not in extra:
-        train_loss = _train_loss_score(run_dir, indices, notes)
-        if train_loss is not None:
-            extra[TRAIN_LOSS] = train_loss
-    if predictor is None:
-        notes.append("no model predictor given: model-based scores and prediction thumbnails skipped")
-    elif not cases:
-        notes.append(
-            "a model predictor was given but the datalist is unavailable: model-based scores skipped"
-        )
-    elif "main_style_disagreement" not in extra:
-        extra["main_style_disagreement"] = _main_style_disagreement(predictor, cases, indices, cfg, progress)
-    try:
-        table = suspicion_table(
-            indices, case_ids, latents, model.outlier_scores, model.keys, extra, rank_by=rank_by
-        )
-    except ValueError as exc:
-        raise ConfigError(f"analysis ranking: {exc}") from None
-
-    metrics = None
-    kinds_run_order = None
-    if aligned is not None:
-        _say(progress, f"metrics vs {truth_path}")
-        metrics = compute_metrics(table, aligned, latents, model.keys, np.asarray(model.main.centroid))
-        if aligned.kinds is not None:
-            kinds_run_order = np.full(len(indices), "?", dtype=object)
-            kinds_run_order[aligned.rows] = aligned.kinds
-
-    _say(progress, "figures")
-    top_k = min(settings.top_k, len(table))
-    position = {int(i): r for r, i in enumerate(indices)}
-    top_rows = [position[int(i)] for i in table["index"].head(top_k)]
-    thumbs = _thumbnails(top_rows, indices, cases, cfg, predictor, notes) if cases else {}
-    style_thumbs = _style_montages(model, cases, cfg, predictor, notes) if cases else {}
-    map_png = plots.latent_map_png(latents, model.keys, case_ids, highlight=top_rows, kinds=kinds_run_order)
-    map_html = plots.latent_map_html(
-        latents,
-        _run_order(table, indices),
-        thumbnails={i: plots.data_uri(t.png) for i, t in thumbs.items()},
-        kinds=kinds_run_order,
-        title=f"HyperSORT latent map: {cfg.name}",
-    )
-    curves = None
-    if history is not None:
-        try:
-            curves = plots.loss_curves_png(history)
-        except ValueError as exc:
-            notes.append(f"history.csv: {exc}")
-
-    out = run_dir / ANALYSIS_DIR
-    files: dict[str, str] = {}
-    files["suspicion.csv"] = str(write_suspicion_csv(table, out / "suspicion.csv"))
-    styles_doc = model.to_json()
-    files["styles.json"] = str(atomic_write_json(out / "styles.json", styles_doc))
-    if metrics is not None:
-        files["metrics.json"] = str(atomic_write_json(out / "metrics.json", metrics))
-    elif (out / "metrics.json").exists():
-        # A metrics.json from an earlier analysis with truth would now describe other styles.
-        (out / "metrics.json").unlink()
-    files["latent_map.png"] = str(atomic_write_bytes(out / "latent_map.png", map_png))
-    files["latent_map.html"] = str(atomic_write_text(out / "latent_map.html", map_html))
-    if curves is not None:
-        files["loss_curves.png"] = str(atomic_write_bytes(out / "loss_curves.png", curves))
-    report_settings = {
-        "analysis config": settings.model_dump(),
-        "style method": model.method,
-        "style parameters": model.params,
-        "ranking column": rank_by,
-        "truth": str(truth_path) if truth_path else "none",
-        "model predictor": "yes" if predictor else "no",
-    }
-    page = build_report(
-        ReportInputs(
-            run_dir=str(run_dir),
-            run_name=cfg.name,
-            datalist=str(cfg.data.datalist) if cfg.data.datalist else None,
-            truth=str(truth_path) if truth_path else None,
-            styles=model,
-            table=table,
-            top_k=top_k,
-            rank_by=rank_by,
-            latent_map_png=map_png,
-            latent_map_html="latent_map.html",
-            loss_curves_png=curves,
-            metrics=metrics,
-            thumbnails=thumbs,
-            style_thumbnails=style_thumbs,
-            settings=report_settings,
-            notes=notes,
-        )
-    )
-    files["report.html"] = str(atomic_write_text(out / "report.html", page))
-    _say(progress, f"wrote {out}")
-    return {
-        "analysis_dir": str(out),
-        "files": files,
-        "n_cases": int(len(indices)),
-        "latent_dim": int(latents.shape[1]),
-        "n_styles": len(model.styles),
-        "main_style_size": model.main.size,
-        "n_outliers": model.n_outliers,
-        "style_sizes": {s.key: s.size for s in model.styles},
-        "rank_by": rank_by,
-        "top_suspicious": table["case_id"].head(5).tolist(),
-        "truth": str(truth_path) if truth_path else None,
-        "metrics": _key_metrics(metrics),
-        "notes": notes,
-    }
-
-
-def styles_of_run(run_dir: Path, overrides: list[str] | None = None) -> StyleModel:
-    """Re-fit the styles of a run (deterministic: the same as ``analyze`` wrote) for ``assign_styles``.
-
-    Args:
-        run_dir: the run folder.
-        overrides: analysis overrides used for the analysis, if any.
-    """
-    cfg, indices, case_ids, latents = _load_run(Path(run_dir))
-    settings = analysis_settings(cfg, overrides)
-    return _fit_styles(latents, case_ids, indices, settings)
-
-
-def _fit_styles(latents: np.ndarray, case_ids: list[str], indices: np.ndarray, settings: Any) -> StyleModel:
-    """The one styles fit of a run (``analyze`` and :func:`styles_of_run` must agree)."""
-    return discover_styles(
-        latents,
-        case_ids,
-        indices,
-        min_cluster_size=settings.min_cluster_size,
-        min_samples=settings.min_samples,
-        cluster_selection_method=settings.cluster_selection_method,
-    )

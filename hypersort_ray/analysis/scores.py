@@ -1,4 +1,4 @@
-"""Suspicion scores per case and the ranked ``suspicion.csv``.
+"""Suspicion scores per case and the ranked suspicion table (``RunDir.analysis.suspicion_csv``).
 
 The paper's two predictors (§4.2) and the clustering's own:
 
@@ -32,7 +32,10 @@ from hypersort_ray.atomic import atomic_write_text
 
 __all__ = [
     "BASE_COLUMNS",
+    "MAIN_STYLE_DISAGREEMENT",
+    "OWN_VS_MAIN_DISAGREEMENT",
     "SCORE_COLUMNS",
+    "TRAIN_LOSS",
     "latent_norm",
     "mean_distance",
     "rank_cases",
@@ -43,6 +46,13 @@ __all__ = [
 SCORE_COLUMNS = ("latent_norm", "mean_distance", "outlier_score")
 BASE_COLUMNS = ("index", "case_id", *SCORE_COLUMNS, "style")
 DEFAULT_RANK_BY = "latent_norm"
+# Extra score columns other modules compute (named once here, so the scorers and the report agree).
+#: 1 − Dice(main-style prediction, given label) (:mod:`.model_scores`).
+MAIN_STYLE_DISAGREEMENT = "main_style_disagreement"
+#: 1 − Dice(the case's own UNet, the main-style UNet) (:mod:`.model_scores`).
+OWN_VS_MAIN_DISAGREEMENT = "own_vs_main_disagreement"
+#: each case's own training loss, averaged over the epochs (the run's per-sample loss table).
+TRAIN_LOSS = "train_loss"
 # Rows of the pairwise-distance block computed at once in mean_distance (bounds memory to ~chunk·N).
 _CHUNK = 1024
 

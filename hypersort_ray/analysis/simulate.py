@@ -1,8 +1,8 @@
 """A latent simulator that mimics what HyperSORT training produces on the synthetic benchmark.
 
 Trained latents are slow to get (a training run per fixture), so the analysis is developed and tested
-on simulated ones whose geometry follows the paper (Fig. 2, §4.1) and the prototype measurements in
-``shared/STACK_NOTES.md``:
+on simulated ones whose geometry follows the paper (Fig. 2, §4.1) and what our own prototype runs on the
+synthetic phantoms measured (docs/benchmarks.md):
 
 - clean cases form a *diffuse* cloud around the origin (the L1 term pulls the main mode to λ = 0), with a
   per-axis spread of 0.05–0.3 and a random orientation (the main mode uses secondary directions for

@@ -35,13 +35,13 @@ what the paper says about the geometry:
 Defaults scale with N: ``min_cluster_size = max(3, round(0.03 N))`` (the paper's error families are
 ~7.5 % of N each, and a style must survive losing its members closest to the main mode) and
 ``min_samples = 2`` (styles are small and sparse; the main mode no longer needs smoothing because
-step 3 merges its fragments). ``styles.json`` records every setting and the fitted space.
+step 3 merges its fragments). The styles document records every setting and the fitted space.
 
 GLOSH scores isolation *relative to the clusters*: a case inside a tight style scores low even when
 the whole style is an error family; its style and ‖λ‖ carry that information.
 
-Everything is deterministic (the MCD starts come from a fixed seed), so re-running on ``latents.csv`` gives the
-same styles; :func:`assign_styles` places new latents with ``hdbscan.approximate_predict``.
+Everything is deterministic (the MCD starts come from a fixed seed), so re-running on the same latents gives
+the same styles; :func:`assign_styles` places new latents with ``hdbscan.approximate_predict``.
 
 Example:
     >>> from hypersort_ray.analysis.simulate import simulate_latents
@@ -176,7 +176,7 @@ class MainModeSpace:
         return z * scale[:, None]
 
     def describe(self) -> dict[str, Any]:
-        """JSON-friendly summary for ``styles.json``."""
+        """JSON-friendly summary for the styles document."""
         return {
             "scatter": self.scatter,
             "center": _floats(self.center),
@@ -387,7 +387,7 @@ class StyleModel:
         probabilities: HDBSCAN membership strength per case.
         styles: the styles, main first, then by numeric id.
         method: ``METHOD`` (or ``"trivial"`` when there are too few cases to cluster).
-        params: every setting used (defaults resolved), for ``styles.json`` and the report.
+        params: every setting used (defaults resolved), for the styles document and the report.
         space: the feature map (None for the trivial model).
         clusterer: the fitted HDBSCAN (None for the trivial model).
         label_map: HDBSCAN label -> numeric style id.
@@ -443,7 +443,7 @@ class StyleModel:
         return assign_styles(self, latents)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``styles.json`` document."""
+        """The styles document (``RunDir.write_styles`` adds the checkpoint's identity)."""
         return {
             "method": self.method,
             "params": self.params,

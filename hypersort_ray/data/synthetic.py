@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 import time
@@ -41,58 +40,45 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from hypersort_ray.data.anatomy import generate_anatomy_dataset
+from hypersort_ray.data.synth_io import (
+    FORMAT_VERSION,
+    MAX_SIZE,
+    MIN_SIZE,
+    changed_voxels,
+    grid,
+    prepare_out,
+    save_volume,
+    smooth_field,
+)
 from hypersort_ray.errors import DataError
 
-__all__ = ["PERTURBATIONS", "SUBTLE_KINDS", "generate_dataset", "perturb", "perturbation_plan", "synth_case"]
+__all__ = [
+    "DATASETS",
+    "PERTURBATIONS",
+    "SUBTLE_KINDS",
+    "generate_dataset",
+    "perturb",
+    "perturbation_plan",
+    "synth_case",
+]
 
 PERTURBATIONS = ("paper", "subtle", "mixed")
+# ``brain``: warped MNI152 brains with annotation protocols (hypersort_ray.data.anatomy, needs nilearn).
+DATASETS = ("phantoms", "brain")
+DEFAULT_SPACING = 2.0  # phantoms, mm
 GROSS_KINDS = ("eroded", "dilated")
 SUBTLE_KINDS = ("partial_eroded", "partial_dilated", "slab", "shift")
 PAPER_ITERATIONS = (3, 4, 5)
 PERTURBED_FRACTION = 0.075  # per family (eroded, dilated), paper §4.1
 SUBTLE_RANGE = (0.10, 0.40)  # fraction of the organ volume a subtle error changes
-MIN_SIZE, MAX_SIZE = 16, 512
 CROSS = ndimage.generate_binary_structure(3, 1)
-MANIFEST = "synth.json"
-FORMAT_VERSION = 1
 
 # Tags keep the three random streams apart (SeedSequence([a, b]) equals SeedSequence([a, b, 0])).
 _TAG_CASE, _TAG_PERTURB, _TAG_PLAN = 0x1A6E, 0x9E27, 0x5E1E
 
 
 # ---------------------------------------------------------------------------------------- phantom
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel-centre coordinates in [-1, 1] as broadcastable (s,1,1), (1,s,1), (1,1,s) arrays."""
-    u = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1).astype(np.float32)
-    return u[:, None, None], u[None, :, None], u[None, None, :]
-
-
-def _smooth_field(
-    rng: np.random.Generator, xyz, terms: int, freq: tuple[float, float], amp: float
-) -> np.ndarray:
-    """A smooth random scalar field: a few random plane waves on the separable grid of :func:`_grid`.
-
-    ``sin(a(x) + b(y) + c(z)) = sin(a + b) cos(c) + cos(a + b) sin(c)``: the sines are taken on 2D and 1D
-    arrays only, the full volume sees two products per wave (4x faster than a 3D ``np.sin``).
-    """
-    x, y, z = xyz
-    size = x.shape[0]
-    out = np.zeros((size, size, size), dtype=np.float32)
-    tmp = np.empty_like(out)
-    for _ in range(terms):
-        direction = rng.normal(size=3)
-        w = direction / np.linalg.norm(direction) * rng.uniform(*freq) * np.pi
-        phase = rng.uniform(0, 2 * np.pi)
-        ab = np.float32(w[0]) * x + np.float32(w[1]) * y + np.float32(phase)  # (s, s, 1)
-        c = np.float32(w[2]) * z  # (1, 1, s)
-        np.multiply(np.sin(ab), np.cos(c), out=tmp)
-        out += tmp
-        np.multiply(np.cos(ab), np.sin(c), out=tmp)
-        out += tmp
-    out *= np.float32(amp / math.sqrt(terms))
-    return out
-
-
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     """Uniformly random 3D rotation (QR of a Gaussian matrix, sign-fixed)."""
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -198,9 +184,9 @@ def synth_case(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray
         size: volume edge in voxels.
     """
     rng = np.random.default_rng([seed, index, _TAG_CASE])
-    xyz = _grid(size)
+    xyz = grid(size)
     # Smooth deformation shared by the body outline and the organs: nothing is a perfect ellipse.
-    warped = tuple(c + _smooth_field(rng, xyz, 3, (0.6, 1.6), rng.uniform(0.04, 0.08)) for c in xyz)
+    warped = tuple(c + smooth_field(rng, xyz, 3, (0.6, 1.6), rng.uniform(0.04, 0.08)) for c in xyz)
     x, y, z = warped
 
     ax, ay = rng.uniform(0.80, 0.92), rng.uniform(0.64, 0.76)
@@ -222,7 +208,7 @@ def synth_case(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray
     img = np.full((size, size, size), -1000.0, dtype=np.float32)
     img[body] = rng.uniform(-110, -85)  # subcutaneous fat
     img[body & (body_r < anat.fat_inner)] = rng.uniform(40, 55)  # abdominal wall muscle
-    texture = _smooth_field(rng, xyz, 4, (1.5, 4.0), 1.0)
+    texture = smooth_field(rng, xyz, 4, (1.5, 4.0), 1.0)
     inner = body_r < anat.wall_inner
     img[inner] = (tissue + 20 * texture)[inner]
     img[inner & (texture > 0.9)] = rng.uniform(-100, -70)  # mesenteric fat patches
@@ -251,7 +237,7 @@ def synth_case(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray
 
     _add_bones(rng, img, xyz, anat, spine, spine_rr)
 
-    bias = _smooth_field(rng, xyz, 2, (0.3, 0.8), rng.uniform(10, 25))
+    bias = smooth_field(rng, xyz, 2, (0.3, 0.8), rng.uniform(10, 25))
     img = np.where(body, img + bias, img)
     img = ndimage.gaussian_filter(img, sigma=0.7, mode="nearest")  # partial volume
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(8, 18))
@@ -285,10 +271,6 @@ def _add_bones(rng, img: np.ndarray, xyz, anat: _Anatomy, spine: _Spine, spine_r
 
 
 # ----------------------------------------------------------------------------------- perturbations
-def _changed(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.count_nonzero(a != b))
-
-
 def _morph_stack(clean: np.ndarray, op: Callable, max_iter: int) -> list[np.ndarray]:
     """``[clean, op^1(clean), ..., op^max_iter(clean)]`` with a 3D cross, one iteration at a time."""
     out = [clean.astype(bool)]
@@ -339,7 +321,7 @@ def _partial(
         half = proj > np.float32(offset)
         for k in order:
             new = np.where(half, stack[k], clean)
-            if _in_range(_changed(new, clean), volume):
+            if _in_range(changed_voxels(new, clean), volume):
                 return new.astype(np.uint8), k
     return None
 
@@ -379,7 +361,7 @@ def _shift(clean: np.ndarray, rng: np.random.Generator, size: int) -> tuple[np.n
             src[axis] = slice(max(0, -step), clean.shape[axis] - max(0, step))
             dst[axis] = slice(max(0, step), clean.shape[axis] - max(0, -step))
             new[tuple(dst)] = clean[tuple(src)]
-            if _in_range(_changed(new, clean), volume):
+            if _in_range(changed_voxels(new, clean), volume):
                 return new, amount
     return None
 
@@ -468,30 +450,6 @@ def _check_args(cases: int, size: int, seed: int, perturbations: str, spacing: f
     _check_perturbations(perturbations)
 
 
-def _prepare_out(out: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a non-empty folder unless it is a previous synth output made with the same arguments."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        marker = out / MANIFEST
-        if not marker.is_file():
-            raise DataError(
-                f"--out {out}: folder is not empty and is not a previous synth output; choose another"
-            )
-        try:
-            previous = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        if previous != manifest:
-            raise DataError(
-                f"--out {out}: holds a synth output made with other arguments ({previous}); "
-                "choose another folder or delete it"
-            )
-    for sub in ("images", "labels", "labels_clean"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
 def _affine(size: int, spacing: float) -> np.ndarray:
     """RAS affine with diagonal spacing; x/y centred on the scanner axis, z in the abdomen's range."""
     aff = np.diag([spacing, spacing, spacing, 1.0])
@@ -500,24 +458,16 @@ def _affine(size: int, spacing: float) -> np.ndarray:
     return aff
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))  # nibabel's gzip writer uses mtime 0: same args, same bytes
-
-
 def generate_dataset(
     out: Path,
     cases: int = 200,
     size: int = 64,
     seed: int = 0,
     perturbations: str = "paper",
-    spacing: float = 2.0,
+    spacing: float | None = None,
     progress: bool = False,
+    *,
+    dataset: str = "phantoms",
 ) -> dict[str, Any]:
     """Write the synthetic benchmark.
 
@@ -530,13 +480,28 @@ def generate_dataset(
         cases: number of cases N.
         size: volume edge in voxels (16..512).
         seed: random seed; identical arguments give bit-identical files.
-        perturbations: ``paper``, ``subtle`` or ``mixed``.
-        spacing: isotropic voxel spacing in mm.
+        perturbations: ``paper``, ``subtle`` or ``mixed`` (phantoms only: ``brain`` accepts the default).
+        spacing: isotropic voxel spacing in mm; ``None``: 2.0 for phantoms, fitted to the brain for ``brain``.
         progress: progress bar on stderr.
+        dataset: ``phantoms`` (this module) or ``brain``
+            (:func:`hypersort_ray.data.anatomy.generate_anatomy_dataset`, same layout).
 
     Returns:
-        ``{"out", "n_cases", "size", "perturbations", "counts", "datalist", "truth", "seconds"}``.
+        ``{"out", "n_cases", "size", "perturbations", "counts", "datalist", "truth", "seconds"}`` (``brain``
+        adds ``"dataset"`` and ``"spacing"``).
     """
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if dataset == "brain":
+        if perturbations != "paper":
+            raise DataError(
+                f"--perturbations {perturbations!r}: applies to --dataset phantoms only; the brain "
+                "benchmark has fixed protocols and errors (leave --perturbations at its default)"
+            )
+        return generate_anatomy_dataset(
+            out, cases=cases, size=size, seed=seed, spacing=spacing, progress=progress
+        )
+    spacing = DEFAULT_SPACING if spacing is None else spacing
     start = time.perf_counter()
     _check_args(cases, size, seed, perturbations, spacing)
     out = Path(out)
@@ -548,7 +513,7 @@ def generate_dataset(
         "perturbations": perturbations,
         "spacing": float(spacing),
     }
-    _prepare_out(out, manifest)
+    prepare_out(out, manifest)
     affine = _affine(size, float(spacing))
     plan = perturbation_plan(cases, seed, perturbations)
     rows = []
@@ -562,10 +527,10 @@ def generate_dataset(
         image, clean = synth_case(seed, index, size)
         label, kind, iterations = perturb(clean, plan[index], seed, index, size)
         name = f"{case_id}.nii.gz"
-        _save(out / "images" / name, image, affine)
-        _save(out / "labels" / name, label.astype(np.uint8), affine)
-        _save(out / "labels_clean" / name, clean, affine)
-        rows.append((index, case_id, kind, iterations, _changed(label, clean)))
+        save_volume(out / "images" / name, image, affine)
+        save_volume(out / "labels" / name, label.astype(np.uint8), affine)
+        save_volume(out / "labels_clean" / name, clean, affine)
+        rows.append((index, case_id, kind, iterations, changed_voxels(label, clean)))
 
     with open(out / "datalist.tsv", "w", newline="") as f:
         f.write("DataPath\tLabelPath\n")

@@ -23,23 +23,6 @@ log = logging.getLogger(__name__)
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
-def resolve_tracking_uri(explicit: str | None, output_dir: Path) -> str:
-    """Config value, else ``MLFLOW_TRACKING_URI``, else an SQLite store in the output folder."""
-    if explicit:
-        return explicit
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
-
-
-def artifact_location(tracking_uri: str, output_dir: Path) -> str | None:
-    """Local artifacts beside an embedded SQLite store; a server decides its own."""
-    if tracking_uri.startswith("sqlite:"):
-        return (Path(output_dir).resolve() / "mlartifacts").as_uri()
-    return None
-
-
 class RunLogger:
     """A fail-soft handle on one MLflow run (create on the driver, use anywhere by run id).
 
@@ -161,6 +144,15 @@ class RunLogger:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
         except Exception as exc:  # noqa: BLE001
             self._fail(f"uploading {path.name}", exc)
+
+    def set_status(self, status: str) -> None:
+        """Set the run's status (e.g. ``RUNNING`` again when a finished run is resumed)."""
+        if not self.enabled or not self.run_id:
+            return
+        try:
+            self.client.update_run(self.run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("updating the run status", exc)
 
     def end(self, status: str = "FINISHED") -> None:
         if not self.enabled or not self.run_id:

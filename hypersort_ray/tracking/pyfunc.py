@@ -6,7 +6,7 @@ What the logged MLflow model holds::
     model_code.py                  hypersort_ray/tracking/model_code.py: builds HyperSortPyfunc, set_model()
     code/hypersort_ray/            this package (``code_paths``): a consumer needs torch, monai, nibabel,
                                    safetensors, pydantic, pyyaml, but not hypersort-ray itself
-    artifacts/hypersort/           the model folder of :func:`hypersort_ray.inference.write_model_dir`:
+    artifacts/hypersort/           the model folder of :func:`hypersort_ray.runs.model_dir.write_model_dir`:
                                    hypernet.safetensors (tensors only), config.yaml, styles.json
                                    (ids, names, sizes, centroids), model.json (preprocessing, checksums)
     requirements.txt, python_env.yaml, conda.yaml    pinned to the versions installed at logging time
@@ -54,6 +54,9 @@ import mlflow
 import numpy as np
 
 from hypersort_ray.errors import ModelError
+from hypersort_ray.inference import load_model
+from hypersort_ray.inference.loading import ARTIFACT_KEY
+from hypersort_ray.runs.model_dir import write_model_dir
 
 __all__ = [
     "ARTIFACT_KEY",
@@ -65,7 +68,6 @@ __all__ = [
     "log_model",
 ]
 
-ARTIFACT_KEY = "hypersort"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 PARAMS = ("style", "latent", "affine", "probabilities")
 
@@ -80,12 +82,17 @@ class HyperSortPyfunc(mlflow.pyfunc.PythonModel):
         self.model = None
 
     def load_context(self, context) -> None:
-        from hypersort_ray.inference import load_model
+        """Load the model folder; ``model_config={"device": "cuda"}`` (or ``auto``) puts it on a GPU."""
+        from hypersort_ray.inference.devices import resolve_device
 
         folder = context.artifacts.get(ARTIFACT_KEY) if context is not None else None
         if not folder:
             raise ModelError(f"MLflow model: artifact {ARTIFACT_KEY!r} (the hypersort model folder) is missing")
-        self.model = load_model(folder)
+        config = dict(getattr(context, "model_config", None) or {})
+        unknown = sorted(set(config) - {"device"})
+        if unknown:
+            raise ModelError(f"MLflow model_config {unknown}: unknown keys (accepted: device)")
+        self.model = load_model(folder, device=resolve_device(str(config.get("device", "cpu"))))
 
     # The np.ndarray hint only tells MLflow not to infer or enforce a schema from type hints; the
     # accepted inputs are listed in the module docstring.
@@ -243,7 +250,7 @@ def log_model(
     """Log ``run_dir``'s model as a pyfunc into the *active* MLflow run (models from code).
 
     Args:
-        run_dir: a run folder (or anything :func:`~hypersort_ray.inference.write_model_dir` accepts).
+        run_dir: a run folder (or anything :func:`~hypersort_ray.runs.model_dir.write_model_dir` accepts).
         name: the model's name in the run.
         registered_model_name: also register a new version under this name.
         metadata: extra keys for the MLmodel ``metadata``.
@@ -252,7 +259,6 @@ def log_model(
         MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``, ...).
     """
     import hypersort_ray
-    from hypersort_ray.inference import load_model, write_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="hypersort-pyfunc-"))
     try:
@@ -277,6 +283,8 @@ def log_model(
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
             metadata=meta,
+            # load_model(uri, model_config={"device": "cuda"}) moves the model at load time
+            model_config={"device": "cpu"},
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

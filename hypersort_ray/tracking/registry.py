@@ -1,12 +1,12 @@
 """Register a run's model in an MLflow model registry (``hypersort register``, end of training).
 
-The tracking store is, in order: the explicit ``tracking_uri``, ``MLFLOW_TRACKING_URI``, the run folder's
-embedded SQLite store (``sqlite:///RUN_DIR/mlflow.db``, where ``hypersort train`` logs by default) —
-:func:`~hypersort_ray.tracking.mlflow_logger.resolve_tracking_uri`. The pyfunc model
-(:mod:`hypersort_ray.tracking.pyfunc`) is logged into the training run when that run lives in the same
-store (``train_summary.json`` names it), otherwise into a new run of the config's experiment; a version is
-registered, aliases are set, and the version is tagged with what a reviewer needs to pick it: dataset
-hash, latent_dim, styles, key training/analysis metrics.
+The tracking store is resolved by :func:`hypersort_ray.mlflow_store.resolve_tracking_uri` (explicit, else
+``MLFLOW_TRACKING_URI``, else the workspace store). The pyfunc model (:mod:`hypersort_ray.tracking.pyfunc`)
+is logged into the training run when that run lives in the same store (the run's training summary names
+it), otherwise into a new run of the config's experiment; a version is registered, aliases are set, and
+the version is tagged with what a reviewer needs to pick it: the checkpoint it was made from
+(``hypersort.checkpoint_sha256``), dataset hash, latent_dim, styles, key training/analysis metrics.
+Styles and analysis metrics made from another checkpoint are refused, never registered with it.
 
 Example:
     >>> register_run("runs/demo", "liver-hypersort", alias="champion")       # doctest: +SKIP
@@ -19,75 +19,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hypersort_ray.config import ExperimentConfig, load_config
+from hypersort_ray.config import ExperimentConfig
 from hypersort_ray.errors import HypersortError, ModelError
-from hypersort_ray.tracking.mlflow_logger import artifact_location, config_params, resolve_tracking_uri
+from hypersort_ray.mlflow_store import artifact_location, check_reachable, resolve_tracking_uri, using_store
+from hypersort_ray.runs import RunDir
+from hypersort_ray.runs.styles import PROVENANCE_KEY
+from hypersort_ray.tracking.mlflow_logger import config_params
+from hypersort_ray.tracking.pyfunc import log_model
 
-__all__ = ["register_run", "auto_register", "mlflow_store", "check_reachable"]
+__all__ = ["register_run", "auto_register"]
 
 log = logging.getLogger(__name__)
 
 _TRAIN_METRICS = ("loss", "dice", "seg_loss", "auroc_latent_norm", "spearman_latent_norm", "latent_norm_mean")
-
-
-@contextmanager
-def mlflow_store(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking and registry) at ``uri``; restore the previous state after.
-
-    ``mlflow.set_tracking_uri`` also rewrites the ``MLFLOW_TRACKING_URI`` environment variable, so
-    both the module state and the environment are put back.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def check_reachable(uri: str) -> None:
-    """One quick request to a tracking server: a dead server fails in seconds, not after minutes of the
-    retries (with back-off) that MLflow makes by default for every call."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    from mlflow.tracking import MlflowClient
-
-    with _environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}):
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def _aliases(alias: str | Sequence[str] | None) -> list[str]:
@@ -108,16 +58,6 @@ def _aliases(alias: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not readable JSON ({exc})") from exc
-    return data if isinstance(data, dict) else {}
-
-
 def _numbers(data: Mapping[str, Any], prefix: str, keys: Sequence[str] | None = None) -> dict[str, str]:
     """Finite numeric entries (one level of nesting) as tag strings."""
     out: dict[str, str] = {}
@@ -133,22 +73,12 @@ def _numbers(data: Mapping[str, Any], prefix: str, keys: Sequence[str] | None = 
     return out
 
 
-def _last_history_row(path: Path) -> dict[str, Any]:
-    import csv
-
-    if not path.is_file():
+def _last_history_row(run: RunDir) -> dict[str, Any]:
+    history = run.read_history()
+    if history is None:
         return {}
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in rows[-1].items():
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
+    row = history.iloc[-1].to_dict()
+    return {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _dataset_hash(cfg: ExperimentConfig, run_tags: Mapping[str, str]) -> str | None:
@@ -166,12 +96,13 @@ def _dataset_hash(cfg: ExperimentConfig, run_tags: Mapping[str, str]) -> str | N
         return None
 
 
-def _version_tags(run_dir: Path, cfg: ExperimentConfig, summary: Mapping[str, Any], run_tags: Mapping[str, str]) -> dict[str, str]:
-    styles = _read_json(run_dir / "analysis" / "styles.json")
+def _version_tags(run: RunDir, cfg: ExperimentConfig, summary: Mapping[str, Any], run_tags: Mapping[str, str]) -> dict[str, str]:
+    styles = run.read_styles() or {}
     tags = {
         "hypersort.latent_dim": str(cfg.model.hypernet.latent_dim),
         "hypersort.unet": json.dumps(cfg.model.unet.model_dump(mode="json"), sort_keys=True),
-        "hypersort.run_dir": str(run_dir.resolve()),
+        "hypersort.run_dir": str(run.path.resolve()),
+        f"hypersort.{PROVENANCE_KEY}": str(run.checkpoint_sha256()),
         "hypersort.num_styles": str(1 + sum(1 for s in styles.get("styles", []) if str(s.get("id")) != str(styles.get("main_style")))),
     }
     if summary.get("epochs") is not None:
@@ -179,9 +110,10 @@ def _version_tags(run_dir: Path, cfg: ExperimentConfig, summary: Mapping[str, An
     digest = _dataset_hash(cfg, run_tags)
     if digest:
         tags["hypersort.dataset_hash"] = digest
-    train = {**_last_history_row(run_dir / "history.csv"), **{k: v for k, v in summary.items() if k in _TRAIN_METRICS}}
+    train = {**_last_history_row(run), **{k: v for k, v in summary.items() if k in _TRAIN_METRICS}}
     tags.update(_numbers(train, "train.", _TRAIN_METRICS))
-    tags.update(_numbers(_read_json(run_dir / "analysis" / "metrics.json"), "analysis."))
+    if run.analysis.metrics_json.is_file():
+        tags.update(_numbers(run.read_metrics(), "analysis."))
     return tags
 
 
@@ -202,7 +134,7 @@ def _new_run(client, uri: str, run_dir: Path, cfg: ExperimentConfig) -> str:
     exp_id = (
         experiment.experiment_id
         if experiment is not None
-        else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri, run_dir))
+        else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
     )
     run = client.create_run(
         exp_id,
@@ -229,7 +161,7 @@ def register_run(
         run_dir: a run folder from ``hypersort train``.
         name: registered model name.
         alias: an alias (``champion``), several (``"champion,latest"`` or a list), or None.
-        tracking_uri: explicit store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///RUN_DIR/mlflow.db``.
+        tracking_uri: explicit store; default ``MLFLOW_TRACKING_URI``, else the workspace store.
 
     Returns:
         ``{"name", "version", "alias", "aliases", "model_uri", "run_id", "tracking_uri", "logged_model_uri"}``;
@@ -237,24 +169,23 @@ def register_run(
 
     Raises:
         ModelError: not a run folder, bad name, or the store refused (message names the store).
+        ProvenanceError: the run's styles or analysis were made from another checkpoint.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint").is_dir():
-        raise ModelError(f"run folder {run_dir}: no checkpoint/ (is it a finished hypersort run folder?)")
+    run = RunDir(run_dir)
+    if not run.has_checkpoint():
+        raise ModelError(f"run folder {run.path}: no complete checkpoint (is it a finished hypersort run folder?)")
     if not name or not name.strip():
         raise ModelError("--name: a registered model name is required")
     aliases = _aliases(alias)
-    try:
-        cfg = load_config(run_dir / "checkpoint" / "config.yaml")
-    except HypersortError as exc:
-        raise ModelError(f"{run_dir / 'checkpoint' / 'config.yaml'}: {exc}") from exc
-    uri = resolve_tracking_uri(tracking_uri, run_dir)
-    summary = _read_json(run_dir / "train_summary.json")
+    cfg = run.load_checkpoint().config
+    run.read_styles()  # styles of another checkpoint: refused before anything is logged
+    uri = resolve_tracking_uri(tracking_uri)
+    summary = run.read_summary()
 
     from mlflow.exceptions import MlflowException
 
     try:
-        return _register(run_dir, name, aliases, uri, cfg, summary)
+        return _register(run, name, aliases, uri, cfg, summary)
     except MlflowException as exc:
         raise ModelError(f"MLflow store {uri}: registering {name!r} failed: {str(exc).splitlines()[0]}") from exc
     except OSError as exc:  # connection refused, unreachable server, unwritable artifact folder
@@ -262,26 +193,24 @@ def register_run(
 
 
 def _register(
-    run_dir: Path, name: str, aliases: list[str], uri: str, cfg: ExperimentConfig, summary: Mapping[str, Any]
+    run: RunDir, name: str, aliases: list[str], uri: str, cfg: ExperimentConfig, summary: Mapping[str, Any]
 ) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from hypersort_ray.tracking.pyfunc import log_model
-
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     existing = _same_store_run(client, summary.get("mlflow_run_id"))
-    run_id = existing.info.run_id if existing is not None else _new_run(client, uri, run_dir, cfg)
+    run_id = existing.info.run_id if existing is not None else _new_run(client, uri, run.path, cfg)
     run_tags = dict(existing.data.tags) if existing is not None else {}
     status = existing.info.status if existing is not None else "FINISHED"
     end_time = existing.info.end_time if existing is not None else None
 
-    with mlflow_store(uri), warnings.catch_warnings():
+    with using_store(uri), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
         try:
             with mlflow.start_run(run_id=run_id):
-                info = log_model(run_dir, name="model", registered_model_name=name,
+                info = log_model(run.path, name="model", registered_model_name=name,
                                  metadata={"source_run_id": run_id})
         finally:
             # start_run/end_run marks a resumed run FINISHED now: put back the training run's own status
@@ -292,7 +221,7 @@ def _register(
                 client.set_terminated(run_id, status=status, end_time=end_time)
 
     version = str(info.registered_model_version)
-    for key, value in _version_tags(run_dir, cfg, summary, run_tags).items():
+    for key, value in _version_tags(run, cfg, summary, run_tags).items():
         client.set_model_version_tag(name, version, key, value)
     for a in aliases:
         client.set_registered_model_alias(name, a, version)

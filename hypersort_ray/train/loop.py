@@ -13,13 +13,16 @@ Sharding (why it is written this way):
 - Per-sample weights are ``W / (valid samples in this global step)``, so DDP's average over workers
   equals the mean over the global batch, whatever the shard sizes: one worker with batch 4 and two
   workers with batch 2 take the same step.
+
+Data loading: the worker's batches of an epoch are fixed in advance, so a ``DataLoader`` with
+``data.loader_workers`` processes prepares them ahead of the step (a GPU never waits on CPU transforms).
+Random transforms are reseeded per (seed, epoch, rank, step), so a run gives the same batches whatever
+the number of loader processes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +35,14 @@ import torch
 from torch import nn
 
 from hypersort_ray.config import ExperimentConfig
-from hypersort_ray.errors import ConfigError
+from hypersort_ray.data.transforms import build_dataset
+from hypersort_ray.data.truth import perturbed_flags, read_truth_csv, resolve_truth_path, truth_columns
+from hypersort_ray.errors import ConfigError, RunError
+from hypersort_ray.model.hypernet import HyperNetwork
+from hypersort_ray.model.latents import LatentTable
+from hypersort_ray.model.step import TrainStep
+from hypersort_ray.model.unet import build_primary
+from hypersort_ray.runs.checkpoint import Checkpoint, load_checkpoint, write_checkpoint_part
 
 _SUMMED = ("loss", "seg_loss", "dice_loss", "ce_loss", "l1", "dice")
 ReportFn = Callable[[dict[str, Any], Path | None], None]
@@ -153,13 +163,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _collate(items: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    image = torch.stack([torch.as_tensor(it["image"]) for it in items]).float().to(device)
-    label = torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)
-    index = torch.as_tensor([int(it["index"]) for it in items], dtype=torch.long, device=device)
-    return image, label, index
-
-
 def _maybe_fault(fault: dict[str, int] | None, *, epoch: int, step: int, rank: int) -> None:
     """Test-only fault injection: raise once at (epoch, step, rank); a marker file makes it one-shot."""
     if not fault:
@@ -181,6 +184,59 @@ def _reseed_transforms(dataset: Any, seed: int) -> None:
         transform.set_random_state(seed=seed % 2**32)
 
 
+class _EpochBatches(torch.utils.data.Dataset):
+    """The worker's padded batches of one epoch as a map-style dataset: item ``s`` is step ``s``'s
+    ``(image, label, index)``, so a ``DataLoader`` can prepare the next steps while this one trains."""
+
+    def __init__(self, dataset: Any, position: Mapping[int, int], batches: Sequence[Sequence[int]], key: tuple) -> None:
+        self.dataset, self.position, self.batches, self.key = dataset, position, list(batches), key
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Per-step seeds: the same batches whether one process or several prepare them.
+        _reseed_transforms(self.dataset, hash((*self.key, s)))
+        items = [self.dataset[self.position[i]] for i in self.batches[s]]
+        image = torch.stack([torch.as_tensor(it["image"]).float() for it in items])
+        label = torch.stack([torch.as_tensor(it["label"]) for it in items])
+        index = torch.as_tensor([int(it["index"]) for it in items], dtype=torch.long)
+        return image, label, index
+
+
+@dataclass
+class _WorkerState:
+    """Everything one worker trains and carries from epoch to epoch."""
+
+    hyper: HyperNetwork
+    latents: LatentTable
+    step: TrainStep
+    dataset: Any
+    owned: list[int]
+    case_ids: list[str]
+    n_steps: int
+    valid_counts: list[int]
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sample_losses: SampleLosses | None = None
+    #: this worker's samples' own losses in the current epoch
+    epoch_loss: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def position(self) -> dict[int, int]:
+        return {idx: pos for pos, idx in enumerate(self.owned)}
+
+    def result(self, epochs: int) -> LoopResult:
+        return LoopResult(
+            epochs_run=epochs - self.start_epoch,
+            history=self.history,
+            latent_state=self.latents.state_dict(),
+            hyper_state={k: v.detach().cpu() for k, v in self.hyper.state_dict().items()},
+            sample_losses=self.sample_losses.state_dict() if self.sample_losses else None,
+        )
+
+
 def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext | None = None) -> LoopResult:
     """Run the HyperSORT training loop for one worker.
 
@@ -193,54 +249,36 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
     Example:
         >>> result = train_worker(cfg, load_datalist("data/datalist.tsv"))  # doctest: +SKIP
     """
-    from hypersort_ray.data.transforms import build_dataset
-    from hypersort_ray.model.hypernet import HyperNetwork
-    from hypersort_ray.model.latents import LatentTable
-    from hypersort_ray.model.step import TrainStep
-    from hypersort_ray.model.unet import build_primary
-    from hypersort_ray.train.checkpoint import load_checkpoint
-
     ctx = ctx or WorkerContext()
-    tcfg = cfg.training
+    state = _build_worker(cfg, cases, ctx)
+    truth = _load_truth(cfg, len(cases)) if ctx.rank == 0 else None
+    for epoch in range(state.start_epoch, cfg.training.epochs):
+        metrics = _train_epoch(state, cfg, ctx, epoch)
+        metrics.update(_latent_metrics(state, ctx, truth))
+        state.history.append(dict(metrics))
+        _report(state, cfg, ctx, metrics, epoch + 1)
+    return state.result(cfg.training.epochs)
+
+
+def _build_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext) -> _WorkerState:
+    """H, this worker's latent shard, the optimiser step and the data: fresh, or from a checkpoint."""
+    tcfg, hn = cfg.training, cfg.model.hypernet
     n = len(cases)
     owned = shard_indices(n, ctx.world_size, ctx.rank)
-    n_steps = steps_per_epoch(n, ctx.world_size, tcfg.batch_size)
-    valid_counts = global_valid_counts(n, ctx.world_size, tcfg.batch_size, n_steps)
-
     # Same seed on every rank: identical H initialisation (DDP also broadcasts rank 0's weights).
     _seed_everything(tcfg.seed)
-    primary = build_primary(cfg.model.unet)
-    hyper = HyperNetwork(
-        primary, cfg.model.hypernet.latent_dim, cfg.model.hypernet.hidden, cfg.model.hypernet.bound
-    ).to(ctx.device)
-    latents = LatentTable(
-        owned,
-        cfg.model.hypernet.latent_dim,
-        init_std=tcfg.latent.init_std,
-        lr=tcfg.latent.lr,
-        betas=tuple(tcfg.latent.betas),
-        eps=tcfg.latent.eps,
-        seed=tcfg.seed,
-    ).to(ctx.device)
-
-    start_epoch, global_step, history = 0, 0, []
-    sample_losses = SampleLosses(n)
+    hyper = HyperNetwork(build_primary(cfg.model.unet), hn.latent_dim, hn.hidden, hn.bound).to(ctx.device)
+    latent_opt = {"lr": tcfg.latent.lr, "betas": tuple(tcfg.latent.betas), "eps": tcfg.latent.eps}
+    latents = LatentTable(owned, hn.latent_dim, init_std=tcfg.latent.init_std, seed=tcfg.seed, **latent_opt)
+    ckpt = load_checkpoint(ctx.resume_from) if ctx.resume_from is not None else None
     l1_weight = tcfg.l1_weight
-    resume_state = None
-    if ctx.resume_from is not None:
-        ckpt = load_checkpoint(ctx.resume_from)
-        _check_resume_compatible(cfg, ckpt.config, n)
+    if ckpt is not None:
+        _check_resume_compatible(cfg, ckpt, [c.case_id for c in cases])
         hyper.load_state_dict(ckpt.hyper_state)
         # The config's latent optimiser settings win over the saved ones (a resume may change lr).
-        latents = LatentTable.merge(
-            [ckpt.latents], lr=tcfg.latent.lr, betas=tuple(tcfg.latent.betas), eps=tcfg.latent.eps
-        ).shard(owned).to(ctx.device)
-        start_epoch, global_step = ckpt.epoch, ckpt.global_step
-        history = list((ckpt.extra or {}).get("history", []))
+        latents = LatentTable.merge([ckpt.latents], **latent_opt).shard(owned)
         l1_weight = float(ckpt.meta.get("l1_weight_effective", l1_weight))
-        resume_state = ckpt.optim_state
-        sample_losses = SampleLosses(n, (ckpt.extra or {}).get("sample_losses"))
-
+    latents = latents.to(ctx.device)
     hyper_module = ctx.wrap_hyper(hyper) if ctx.wrap_hyper else hyper
     step = TrainStep(
         hyper,
@@ -253,202 +291,210 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
         channels_last=tcfg.channels_last,
         hyper_module=hyper_module,
     )
-    if resume_state is not None:
-        step.load_state_dict(resume_state)
-
-    dataset = build_dataset(
-        list(cases),
-        cfg.preprocessing,
-        cfg.preprocessing.label.num_classes,
-        cache=cfg.data.cache,
-        cache_dir=cfg.data.cache_dir or (cfg.output_dir / "cache"),
-        indices=owned,
+    n_steps = steps_per_epoch(n, ctx.world_size, tcfg.batch_size)
+    state = _WorkerState(
+        hyper=hyper,
+        latents=latents,
+        step=step,
+        dataset=build_dataset(
+            list(cases),
+            cfg.preprocessing,
+            cfg.preprocessing.label.num_classes,
+            cache=cfg.data.cache,
+            cache_dir=cfg.data.cache_dir or (Path(cfg.output_dir) / "cache"),
+            indices=owned,
+        ),
+        owned=owned,
+        case_ids=[c.case_id for c in cases],
+        n_steps=n_steps,
+        valid_counts=global_valid_counts(n, ctx.world_size, tcfg.batch_size, n_steps),
+        sample_losses=SampleLosses(n, (ckpt.extra or {}).get("sample_losses") if ckpt else None),
     )
-    position = {idx: pos for pos, idx in enumerate(owned)}
-    case_ids = [c.case_id for c in cases]
+    if ckpt is not None:
+        state.start_epoch, state.global_step = ckpt.epoch, ckpt.global_step
+        state.history = list((ckpt.extra or {}).get("history", []))
+        if ckpt.optim_state is not None:
+            step.load_state_dict(ckpt.optim_state)
+    elif tcfg.l1_calibrate:
+        step.l1_weight = _calibrate_l1(state, tcfg.batch_size, ctx)
+    return state
 
-    if tcfg.l1_calibrate and start_epoch == 0:
-        l1_weight = _calibrate_l1(step, dataset, position, owned, tcfg.batch_size, ctx)
-        step.l1_weight = l1_weight
 
-    truth = _load_truth(cfg, n) if ctx.rank == 0 else None
-    for epoch in range(start_epoch, tcfg.epochs):
-        _reseed_transforms(dataset, hash((tcfg.seed, epoch, ctx.rank)))
-        batches = epoch_batches(owned, tcfg.batch_size, n_steps, seed=tcfg.seed, epoch=epoch, rank=ctx.rank)
-        sums = torch.zeros(8, dtype=torch.float64)
-        epoch_loss: dict[int, float] = {}
-        t0 = time.perf_counter()
-        for s, batch in enumerate(batches):
-            _maybe_fault(ctx.fault, epoch=epoch, step=s, rank=ctx.rank)
-            real = len(batch)
-            # Pad with this worker's own samples at weight 0 so every worker runs the same step count.
-            padded = batch + [owned[k % len(owned)] for k in range(tcfg.batch_size - real)]
-            weight = torch.zeros(tcfg.batch_size, dtype=torch.float32)
-            weight[:real] = ctx.world_size / max(valid_counts[s], 1)
-            image, label, index = _collate([dataset[position[i]] for i in padded], ctx.device)
-            out = step.step(image, label, index, weight=weight.to(ctx.device))
-            global_step += 1
-            if real:
-                if step.last_seg_loss is not None:
-                    epoch_loss.update(zip(batch, step.last_seg_loss[:real].tolist(), strict=True))
-                sums[0] += real
-                sums[1:7] += real * torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64)
-        elapsed = time.perf_counter() - t0
-        sums[7] = elapsed
-        sums = ctx.all_reduce_sum(sums)
-        count = max(float(sums[0]), 1.0)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "global_step": global_step,
-            "loss": float(sums[1]) / count,
-            "seg_loss": float(sums[2]) / count,
-            "dice_loss": float(sums[3]) / count,
-            "ce_loss": float(sums[4]) / count,
-            "l1": float(sums[5]) / count,
-            "dice": float(sums[6]) / count,
-            "samples_per_s": float(sums[0]) / max(float(sums[7]) / ctx.world_size, 1e-9),
-            "l1_weight": float(l1_weight),
-        }
-        # Latent norms are per-sample scalars: gathering them for metrics is cheap and leaves λ itself
-        # on its worker.
-        norms = latents.values().norm(dim=1).cpu().numpy()
-        gathered = ctx.all_gather_object((list(latents.indices), norms.tolist(), epoch_loss))
-        all_idx = np.concatenate([np.asarray(g[0], dtype=int) for g in gathered])
-        all_norm = np.concatenate([np.asarray(g[1], dtype=float) for g in gathered])
-        for _, _, losses in gathered:
-            sample_losses.add_epoch(np.fromiter(losses, int, len(losses)), np.fromiter(losses.values(), float, len(losses)))
-        metrics["latent_norm_mean"] = float(all_norm.mean())
-        metrics["latent_norm_max"] = float(all_norm.max())
-        if truth is not None:
-            metrics.update(latent_truth_metrics(all_idx, all_norm, truth))
-        history.append(dict(metrics))
-
-        is_last = epoch + 1 == tcfg.epochs
-        part_dir = None
-        if ctx.report is not None and (is_last or (epoch + 1) % tcfg.checkpoint_every == 0):
-            part_dir = _write_part(
-                cfg, ctx, hyper, step, latents, epoch + 1, global_step, n, case_ids, history, l1_weight,
-                sample_losses,
-            )
-        if ctx.report is not None:
-            ctx.report(metrics, part_dir)
-
-    return LoopResult(
-        epochs_run=tcfg.epochs - start_epoch,
-        history=history,
-        latent_state=latents.state_dict(),
-        hyper_state={k: v.detach().cpu() for k, v in hyper.state_dict().items()},
-        sample_losses=sample_losses.state_dict(),
+def _epoch_loader(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext, epoch: int):
+    """This epoch's batches, padded to the common step count, prepared by ``data.loader_workers``."""
+    tcfg = cfg.training
+    batches = epoch_batches(state.owned, tcfg.batch_size, state.n_steps, seed=tcfg.seed, epoch=epoch, rank=ctx.rank)
+    # Pad with this worker's own samples at weight 0 so every worker runs the same step count.
+    padded = [b + [state.owned[k % len(state.owned)] for k in range(tcfg.batch_size - len(b))] for b in batches]
+    workers = cfg.data.loader_workers
+    loader = torch.utils.data.DataLoader(
+        _EpochBatches(state.dataset, state.position, padded, (tcfg.seed, epoch, ctx.rank)),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=ctx.device.type == "cuda",
     )
+    return batches, loader
 
 
-def _write_part(
-    cfg, ctx, hyper, step, latents, epoch, global_step, n, case_ids, history, l1_weight, sample_losses
-) -> Path:
-    from hypersort_ray.train.checkpoint import write_checkpoint_part
+def _train_epoch(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext, epoch: int) -> dict[str, Any]:
+    """One epoch of steps; returns the epoch's metrics (summed over workers)."""
+    tcfg = cfg.training
+    batches, loader = _epoch_loader(state, cfg, ctx, epoch)
+    sums = torch.zeros(8, dtype=torch.float64)
+    epoch_loss: dict[int, float] = {}
+    t0 = time.perf_counter()
+    for s, (batch, (image, label, index)) in enumerate(zip(batches, loader, strict=True)):
+        _maybe_fault(ctx.fault, epoch=epoch, step=s, rank=ctx.rank)
+        real = len(batch)
+        weight = torch.zeros(tcfg.batch_size, dtype=torch.float32)
+        weight[:real] = ctx.world_size / max(state.valid_counts[s], 1)
+        out = state.step.step(
+            image.to(ctx.device, non_blocking=True),
+            label.to(ctx.device, non_blocking=True),
+            index.to(ctx.device),
+            weight=weight.to(ctx.device),
+        )
+        state.global_step += 1
+        if real:
+            if state.step.last_seg_loss is not None:
+                epoch_loss.update(zip(batch, state.step.last_seg_loss[:real].tolist(), strict=True))
+            sums[0] += real
+            sums[1:7] += real * torch.tensor([out[k] for k in _SUMMED], dtype=torch.float64)
+    sums[7] = time.perf_counter() - t0
+    sums = ctx.all_reduce_sum(sums)
+    count = max(float(sums[0]), 1.0)
+    state.epoch_loss = epoch_loss
+    return {
+        "epoch": epoch + 1,
+        "global_step": state.global_step,
+        **{k: float(sums[i + 1]) / count for i, k in enumerate(("loss", "seg_loss", "dice_loss", "ce_loss", "l1", "dice"))},
+        "samples_per_s": float(sums[0]) / max(float(sums[7]) / ctx.world_size, 1e-9),
+        "l1_weight": float(state.step.l1_weight),
+    }
 
+
+def _latent_metrics(state: _WorkerState, ctx: WorkerContext, truth: Any) -> dict[str, Any]:
+    """Latent norms (and, with a truth table, their AUROC/Spearman); records each sample's loss.
+
+    Norms and losses are per-sample scalars: gathering them is cheap and leaves λ itself on its worker.
+    """
+    norms = state.latents.values().norm(dim=1).cpu().numpy()
+    gathered = ctx.all_gather_object((list(state.latents.indices), norms.tolist(), state.epoch_loss))
+    all_idx = np.concatenate([np.asarray(g[0], dtype=int) for g in gathered])
+    all_norm = np.concatenate([np.asarray(g[1], dtype=float) for g in gathered])
+    for _, _, losses in gathered:
+        state.sample_losses.add_epoch(
+            np.fromiter(losses, int, len(losses)), np.fromiter(losses.values(), float, len(losses))
+        )
+    out = {"latent_norm_mean": float(all_norm.mean()), "latent_norm_max": float(all_norm.max())}
+    if truth is not None:
+        out.update(latent_truth_metrics(all_idx, all_norm, truth))
+    return out
+
+
+def _report(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext, metrics: dict[str, Any], epoch: int) -> None:
+    """Report the epoch; on checkpoint epochs with this worker's part of the checkpoint."""
+    if ctx.report is None:
+        return
+    tcfg = cfg.training
+    part = None
+    if epoch == tcfg.epochs or epoch % tcfg.checkpoint_every == 0:
+        part = _write_part(state, cfg, ctx, epoch)
+    ctx.report(metrics, part)
+
+
+def _write_part(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext, epoch: int) -> Path:
+    """This worker's part of the checkpoint in a fresh folder (rank 0 also writes the shared files)."""
     # mkdtemp, not a TemporaryDirectory: Ray may delete the folder after uploading it.
     part = Path(tempfile.mkdtemp(prefix=f"hypersort-ckpt-e{epoch}-r{ctx.rank}-"))
     shared = ctx.rank == 0
+    meta: dict[str, Any] = {"epoch": epoch, "global_step": state.global_step}
+    if shared:
+        meta.update(
+            latent_dim=cfg.model.hypernet.latent_dim,
+            num_samples=len(state.case_ids),
+            world_size=ctx.world_size,
+            case_ids=state.case_ids,
+            l1_weight_effective=float(state.step.l1_weight),
+        )
     write_checkpoint_part(
         part,
         rank=ctx.rank,
-        latent_state={k: v.detach().cpu() for k, v in latents.state_dict().items()},
-        hyper_state={k: v.detach().cpu() for k, v in hyper.state_dict().items()} if shared else None,
-        optim_state=step.state_dict() if shared else None,
+        latent_state={k: v.detach().cpu() for k, v in state.latents.state_dict().items()},
+        hyper_state={k: v.detach().cpu() for k, v in state.hyper.state_dict().items()} if shared else None,
+        optim_state=state.step.state_dict() if shared else None,
         config=cfg if shared else None,
-        meta={
-            "epoch": epoch,
-            "global_step": global_step,
-            "latent_dim": cfg.model.hypernet.latent_dim,
-            "num_samples": n,
-            "world_size": ctx.world_size,
-            "case_ids": case_ids,
-            "l1_weight_effective": float(l1_weight),
-        }
-        if shared
-        else {"epoch": epoch, "global_step": global_step},
-        extra={"history": history, "sample_losses": sample_losses.state_dict()} if shared else None,
+        meta=meta,
+        extra={"history": state.history, "sample_losses": state.sample_losses.state_dict()} if shared else None,
     )
     return part
 
 
-def _check_resume_compatible(cfg: ExperimentConfig, old: ExperimentConfig, n: int) -> None:
-    """A checkpoint can continue with other workers/epochs/learning rates, not another model."""
-    if old.model != cfg.model:
+def _check_resume_compatible(cfg: ExperimentConfig, ckpt: Checkpoint, case_ids: Sequence[str]) -> None:
+    """A checkpoint can continue with other workers/epochs/learning rates, not another model or dataset."""
+    if ckpt.config.model != cfg.model:
         raise ConfigError(
             "resume: the checkpoint's model section differs from this config's "
-            f"(checkpoint {old.model.model_dump()} vs config {cfg.model.model_dump()})"
+            f"(checkpoint {ckpt.config.model.model_dump()} vs config {cfg.model.model_dump()})"
+        )
+    if list(case_ids) != ckpt.case_ids:
+        changed = next((i for i, (a, b) in enumerate(zip(case_ids, ckpt.case_ids, strict=False)) if a != b), None)
+        where = f"first difference at index {changed}" if changed is not None else "different number of cases"
+        raise RunError(
+            f"resume: the datalist holds {len(case_ids)} cases but the checkpoint {ckpt.path} was trained on "
+            f"{ckpt.num_samples} ({where}); sample identity is the datalist index, so a run continues only "
+            "on its own datalist"
+        )
+    if ckpt.epoch >= cfg.training.epochs:
+        raise ConfigError(
+            f"resume: the checkpoint {ckpt.path} has already trained {ckpt.epoch} epochs and "
+            f"training.epochs = {cfg.training.epochs}; ask for more (--epochs N)"
         )
 
 
-def _calibrate_l1(step, dataset, position, owned, batch_size, ctx: WorkerContext) -> float:
+def _calibrate_l1(state: _WorkerState, batch_size: int, ctx: WorkerContext) -> float:
     """Scale l1_weight by the mean norm of the segmentation gradient on λ at initialisation, averaged
     over workers, so the L1 pull has the same relative strength whatever the UNet size."""
-    batch = owned[:batch_size]
-    image, label, index = _collate([dataset[position[i]] for i in batch], ctx.device)
-    g = torch.tensor([float(step.calibrate_l1(image, label, index)), 1.0], dtype=torch.float64)
-    g = ctx.all_reduce_sum(g)
-    scale = float(g[0] / g[1])
-    return float(step.l1_weight * scale)
+    batch = state.owned[:batch_size]
+    image, label, index = _EpochBatches(state.dataset, state.position, [batch], (0,))[0]
+    grad = state.step.calibrate_l1(image.to(ctx.device), label.to(ctx.device), index.to(ctx.device))
+    g = ctx.all_reduce_sum(torch.tensor([float(grad), 1.0], dtype=torch.float64))
+    return float(state.step.l1_weight * float(g[0] / g[1]))
 
 
 # ------------------------------------------------------------------------------------ truth metrics
 def _load_truth(cfg: ExperimentConfig, n: int):
-    """The truth table for per-epoch AUROC/Spearman, or None when the dataset has none."""
-    path = cfg.data.truth
-    if path is None and cfg.data.datalist is not None:
-        candidate = Path(cfg.data.datalist)
-        candidate = (candidate if candidate.is_dir() else candidate.parent) / "truth.csv"
-        path = candidate if candidate.is_file() else None
-    if path is None or not Path(path).is_file():
+    """The truth table (rows with an index below ``n``) for per-epoch AUROC/Spearman, or None."""
+    path = resolve_truth_path(None, cfg.data.truth, cfg.data.datalist)
+    if path is None:
         return None
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    if "index" not in df.columns:
+    frame = read_truth_csv(path)
+    if "index" not in frame.columns:
         return None
-    return df[df["index"] < n]
+    return frame[frame["index"] < n].reset_index(drop=True)
 
 
 def latent_truth_metrics(indices: np.ndarray, norms: np.ndarray, truth) -> dict[str, float]:
-    """AUROC of ‖λ‖ for perturbed-vs-clean and its Spearman correlation with voxels changed."""
+    """AUROC of ‖λ‖ for perturbed-vs-clean (the one definition in :mod:`hypersort_ray.data.truth`) and
+    its Spearman correlation with the primary numeric truth column (e.g. voxels changed)."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
     norm_by_index = dict(zip(indices.tolist(), norms.tolist(), strict=True))
-    rows = truth[truth["index"].isin(norm_by_index)]
+    rows = truth[truth["index"].isin(norm_by_index)].reset_index(drop=True)
     if rows.empty:
         return {}
     score = rows["index"].map(norm_by_index).to_numpy(dtype=float)
+    kind, numeric = truth_columns(rows)
+    perturbed, _ = perturbed_flags(rows, kind, numeric)
     out: dict[str, float] = {}
-    if "voxels_changed" in rows:
-        changed = rows["voxels_changed"].to_numpy(dtype=float)
-        positive = changed > 0
-        if 0 < positive.sum() < len(positive):
-            out["auroc_latent_norm"] = float(roc_auc_score(positive, score))
-            rho = spearmanr(score, changed).statistic
+    if perturbed is not None and 0 < perturbed.sum() < len(perturbed):
+        out["auroc_latent_norm"] = float(roc_auc_score(perturbed, score))
+    if numeric:
+        target = rows[numeric[0]].to_numpy(dtype=float)
+        if np.ptp(target) > 0:
+            rho = spearmanr(score, target).statistic
             out["spearman_latent_norm"] = float(rho) if np.isfinite(rho) else 0.0
-    elif "perturbation" in rows:
-        positive = rows["perturbation"].astype(str).to_numpy() != "none"
-        if 0 < positive.sum() < len(positive):
-            out["auroc_latent_norm"] = float(roc_auc_score(positive, score))
     return out
-
-
-def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """Per-epoch metrics as CSV (union of keys, epoch first), written atomically."""
-    import pandas as pd
-
-    df = pd.DataFrame(history)
-    if "epoch" in df:
-        df = df[["epoch"] + [c for c in df.columns if c != "epoch"]]
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def dump_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

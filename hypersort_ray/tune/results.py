@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hypersort_ray.atomic import atomic_write_text, atomic_write_via
+
 __all__ = ["TRUTH_COLUMNS", "plot_objective", "print_table", "results_frame", "write_results"]
 
 TRUTH_COLUMNS = ("auroc_latent_norm", "spearman_latent_norm")
@@ -79,12 +81,8 @@ def results_frame(rows: Sequence[Mapping[str, Any]], *, metric: str, mode: str, 
 
 
 def write_results(df, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    """``results.csv``, written atomically."""
+    return atomic_write_text(Path(path), df.to_csv(index=False))
 
 
 def _fmt(value: Any) -> str:
@@ -157,6 +155,6 @@ def plot_objective(df, path: Path, *, metric: str, x_keys: Sequence[str]) -> Pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path

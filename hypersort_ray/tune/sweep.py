@@ -8,7 +8,9 @@ Layout of a sweep folder (``base.output_dir`` / ``--out``)::
     trials/<trial_id>/    one ordinary run folder per trial (see hypersort_ray.tune.trial)
     results.csv           one row per trial, objective first, sorted best first
     objective.png         objective vs the sampled latent_dim and l1_weight
-    mlflow.db, mlartifacts/   the embedded MLflow store (unless tracking.tracking_uri / MLFLOW_TRACKING_URI)
+
+MLflow runs go to the store of :func:`hypersort_ray.mlflow_store.resolve_tracking_uri` (the workspace
+store unless ``tracking.tracking_uri`` / ``MLFLOW_TRACKING_URI`` say otherwise).
 
 Resources: every trial is a Tune function (the trial *driver*) that holds no CPU but one unit of the
 custom resource ``trial_slot``; its Train workers hold ``workers_per_trial × cpus_per_worker`` CPUs.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -34,11 +37,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hypersort_ray.config import SweepConfig, config_to_yaml, flatten
+from hypersort_ray.atomic import atomic_write_json, atomic_write_text
+from hypersort_ray.config import SweepConfig, config_to_yaml, flatten, load_sweep_config
+from hypersort_ray.data.datalist import load_datalist
 from hypersort_ray.errors import ConfigError
+from hypersort_ray.mlflow_store import artifact_location, resolve_tracking_uri
+from hypersort_ray.ray_cluster import RayHandle, connect
+from hypersort_ray.tracking.mlflow_logger import RunLogger
+from hypersort_ray.tracking.registry import register_run
+from hypersort_ray.train.trainer import LatentMapHook
 from hypersort_ray.tune.results import plot_objective, print_table, results_frame, write_results
 from hypersort_ray.tune.space import build_param_space, grid_size, split_validation
-from hypersort_ray.tune.trial import MLFLOW_ID_FILE, run_trial, trial_context
+from hypersort_ray.tune.trial import MLFLOW_ID_FILE, AfterTraining, run_trial, trial_context, truth_path
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SLOT_RESOURCE", "collect_rows", "effective_sweep", "leaked_train_actors", "run_sweep", "saved_trial_states"]
 
@@ -65,10 +77,9 @@ def effective_sweep(cfg: SweepConfig) -> SweepConfig:
     if cfg.metric == "val_dice" and cfg.scheduler == "asha":
         every = math.gcd(training.checkpoint_every, cfg.grace_period)
         if every != training.checkpoint_every:
-            print(
-                f"sweep: training.checkpoint_every {training.checkpoint_every} -> {every} so that ASHA's rungs "
-                f"(grace_period {cfg.grace_period}) fall on validated epochs",
-                file=sys.stderr,
+            log.warning(
+                "sweep: training.checkpoint_every %s -> %s so that ASHA's rungs (grace_period %s) fall on "
+                "validated epochs", training.checkpoint_every, every, cfg.grace_period,
             )
             training = training.model_copy(update={"checkpoint_every": every})
     base = base.model_copy(update={"output_dir": out, "data": data, "training": training})
@@ -77,9 +88,6 @@ def effective_sweep(cfg: SweepConfig) -> SweepConfig:
 
 def _check_data(cfg: SweepConfig) -> dict[str, Any]:
     """Fail before Ray starts: datalist readable, split usable, objective computable."""
-    from hypersort_ray.data.datalist import load_datalist
-    from hypersort_ray.tune.trial import _truth_path
-
     base = cfg.base
     if base.data.datalist is None:
         raise ConfigError("base.data.datalist is not set: pass --datalist or set it in the sweep config")
@@ -94,7 +102,7 @@ def _check_data(cfg: SweepConfig) -> dict[str, Any]:
         raise ConfigError(
             "metric: val_dice needs held-out cases: set base.data.validation_fraction > 0 (e.g. 0.2)"
         )
-    truth = _truth_path(base)
+    truth = truth_path(base)
     if cfg.metric in ("auroc_latent_norm", "spearman_latent_norm"):
         if truth is None:
             raise ConfigError(
@@ -109,42 +117,34 @@ def _per_trial_cpus(cfg: SweepConfig) -> float:
     return cfg.workers_per_trial * cfg.cpus_per_worker
 
 
-def _init_ray(address: str | None, cfg: SweepConfig) -> tuple[bool, int | None]:
-    """Start (or join) Ray for a sweep. Returns (we started it, trial slots available or None).
+def _init_ray(address: str | None, cfg: SweepConfig) -> tuple[RayHandle, int | None]:
+    """Start a private Ray for the sweep, or join a cluster. Returns (handle, trial slots or None).
 
-    A local Ray gets the dashboard: Train's PlacementGroupCleaner polls the State API, and without it
-    the workers of a trial stopped early kept their placement group (STACK_NOTES).
+    A private instance gets as many ``trial_slot`` resources as trials fit in the CPUs (a trial driver
+    holds a slot, never a CPU its own workers need) and the dashboard: Train's PlacementGroupCleaner polls
+    the State API, and without it the workers of a trial stopped early keep their placement group.
     """
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            cpus = os.cpu_count() or 1
-            fits = max(1, int(cpus // max(_per_trial_cpus(cfg), 1e-9))) if cfg.gpus_per_worker == 0 else 1
-            slots = max(1, min(cfg.max_concurrent_trials, fits))
-            if cfg.max_concurrent_trials > fits:
-                print(
-                    f"sweep: {cfg.max_concurrent_trials} concurrent trials of {_per_trial_cpus(cfg):g} CPUs do not fit "
-                    f"in {cpus} CPUs; running {slots} at a time",
-                    file=sys.stderr,
-                )
-            # Train's placement-group cleaner (a detached actor) finds the State API by auto-detecting
-            # the local Ray instance, which fails when several run on one host (CI runners, shared
-            # machines) and then leaks a stopped trial's placement group: tell every worker where ours is.
-            port = _free_port()
-            api = f"http://127.0.0.1:{port}"
-            os.environ[API_SERVER_ENV] = api
-            ray.init(num_cpus=cpus, resources={SLOT_RESOURCE: slots}, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=port,
-                     runtime_env={"env_vars": {API_SERVER_ENV: api}}, **kwargs)
-        started = True
+    if address or os.environ.get("RAY_ADDRESS"):
+        handle = connect(address)
+    else:
+        cpus = os.cpu_count() or 1
+        fits = max(1, int(cpus // max(_per_trial_cpus(cfg), 1e-9))) if cfg.gpus_per_worker == 0 else 1
+        slots = max(1, min(cfg.max_concurrent_trials, fits))
+        if cfg.max_concurrent_trials > fits:
+            log.warning("sweep: %s concurrent trials of %g CPUs do not fit in %s CPUs; running %s at a time",
+                        cfg.max_concurrent_trials, _per_trial_cpus(cfg), cpus, slots)
+        # Train's placement-group cleaner (a detached actor) finds the State API by auto-detecting the
+        # local Ray instance, which fails when several run on one host (CI runners, shared machines) and
+        # then leaks a stopped trial's placement group: tell every worker where ours is.
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        os.environ[API_SERVER_ENV] = api
+        handle = connect(None, num_cpus=cpus, resources={SLOT_RESOURCE: slots}, dashboard_port=port,
+                         runtime_env={"env_vars": {API_SERVER_ENV: api}})
     slots = ray.cluster_resources().get(SLOT_RESOURCE)
-    return started, (int(slots) if slots else None)
+    return handle, (int(slots) if slots else None)
 
 
 def _free_port() -> int:
@@ -212,7 +212,7 @@ def saved_trial_states(exp_path: Path) -> dict[str, str]:
     try:
         return {t.trial_id: str(t.status) for t in ExperimentAnalysis(str(exp_path)).trials}
     except Exception as exc:  # noqa: BLE001 - statuses then come from the results alone
-        print(f"sweep: could not read Tune's saved state ({exc})", file=sys.stderr)
+        log.warning("sweep: could not read Tune's saved state (%s)", exc)
         return {}
 
 
@@ -265,8 +265,6 @@ def collect_rows(grid, cfg: SweepConfig, sweep_dir: Path, states: dict[str, str]
 
 def _close_child_runs(rows: list[dict[str, Any]], tracking_uri: str, enabled: bool) -> None:
     """Stopped trials' actors were ended mid-run: close their child runs and tag every status."""
-    from hypersort_ray.tracking.mlflow_logger import RunLogger
-
     for row in rows:
         if not row.get("mlflow_run_id"):
             continue
@@ -282,11 +280,6 @@ def _close_child_runs(rows: list[dict[str, Any]], tracking_uri: str, enabled: bo
 
 def _register_best(cfg: SweepConfig, best: dict[str, Any] | None, tracking_uri: str) -> dict[str, Any] | None:
     if not cfg.register_best_as or best is None:
-        return None
-    try:
-        from hypersort_ray.tracking.registry import register_run
-    except ImportError:
-        warnings.warn("tracking.registry is not available: the best trial was not registered", RuntimeWarning, stacklevel=2)
         return None
     try:
         out = register_run(Path(best["run_dir"]), cfg.register_best_as, cfg.best_alias, tracking_uri)
@@ -318,10 +311,9 @@ def _tuner(cfg: SweepConfig, sweep_dir: Path, ctx: dict[str, Any], slots: int | 
         # Tune refuses an all-zero request; a sliver of the head node's marker resource costs no CPU and
         # keeps the trial drivers beside the sweep driver, as trial_slot on the head would.
         resources[HEAD_RESOURCE] = 0.001
-        print(
-            f"sweep: the cluster has no '{SLOT_RESOURCE}' resource; trial drivers hold no CPU and at most "
-            f"{cfg.max_concurrent_trials} trials run at once (see deployments/README.md, Sweeps)",
-            file=sys.stderr,
+        log.warning(
+            "sweep: the cluster has no '%s' resource; trial drivers hold no CPU and at most %s trials run at "
+            "once (see deployments/README.md, Sweeps)", SLOT_RESOURCE, cfg.max_concurrent_trials,
         )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     exp_path = sweep_dir / "tune" / cfg.name
@@ -369,14 +361,24 @@ def _tuner(cfg: SweepConfig, sweep_dir: Path, ctx: dict[str, Any], slots: int | 
     )
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False) -> dict[str, Any]:
+def run_sweep(
+    cfg: SweepConfig,
+    address: str | None = None,
+    resume: bool = False,
+    *,
+    after_training: AfterTraining | None = None,
+    latent_map: LatentMapHook | None = None,
+) -> dict[str, Any]:
     """Run (or resume) a sweep and leave results.csv, objective.png and MLflow runs.
 
     Args:
         cfg: the sweep config (``base.output_dir`` is the sweep folder).
-        address: Ray cluster address (``auto``, ``ray://host:10001``); None starts a local Ray.
+        address: Ray cluster to join (``auto``, ``HOST:PORT``, ``ray://...``); None: ``RAY_ADDRESS``, else
+            a private local instance.
         resume: continue the interrupted sweep in the sweep folder (unfinished trials restart and
             continue from their last Train checkpoint; finished and failed trials are kept).
+        after_training: run in each trial after training (the pipeline's analysis step).
+        latent_map: draws each trial's latent maps on checkpoint epochs.
 
     Returns:
         A summary: folders and files, trial counts, the best trial, MLflow ids, leak check.
@@ -384,86 +386,103 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     Raises:
         ConfigError: bad space, missing data, nothing to resume, or a folder that already holds a sweep.
     """
-    from ray import tune
-
-    from hypersort_ray.tracking.mlflow_logger import RunLogger, artifact_location, resolve_tracking_uri
-
     t0 = time.time()
     cfg = effective_sweep(cfg)
     sweep_dir = Path(cfg.base.output_dir)
     build_param_space(cfg)  # validates the space (every value, both ends of every range)
     data_info = _check_data(cfg)
+    cfg, state = _open_sweep_folder(cfg, sweep_dir, resume)
+    parent = _parent_run(cfg, sweep_dir, state)
+    hooks = {"after_training": after_training, "latent_map": latent_map}
+    try:
+        grid, leaked = _fit(cfg, sweep_dir, parent, address, resume, data_info, hooks)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    return _finish(cfg, sweep_dir, grid, leaked, parent, resume, t0)
+
+
+def _open_sweep_folder(cfg: SweepConfig, sweep_dir: Path, resume: bool) -> tuple[SweepConfig, dict[str, Any]]:
+    """A new sweep folder (refusing one that holds this sweep), or the saved state of one to resume."""
+    from ray import tune
+
     exp_path = sweep_dir / "tune" / cfg.name
-    state_path = sweep_dir / STATE_FILE
     state: dict[str, Any] = {}
     if resume:
         if not tune.Tuner.can_restore(str(exp_path)):
             raise ConfigError(f"--resume: no sweep to resume in {exp_path}")
-        if state_path.is_file():
-            state = json.loads(state_path.read_text())
-        cfg = _saved_config(cfg, sweep_dir)
-    elif exp_path.exists():
+        if (sweep_dir / STATE_FILE).is_file():
+            state = json.loads((sweep_dir / STATE_FILE).read_text())
+        return _saved_config(cfg, sweep_dir), state
+    if exp_path.exists():
         raise ConfigError(f"{sweep_dir} already holds sweep '{cfg.name}': pass --resume, or choose another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (sweep_dir / "sweep.yaml").write_text(config_to_yaml(cfg))
+    atomic_write_text(sweep_dir / "sweep.yaml", config_to_yaml(cfg))
+    return cfg, state
 
-    uri = state.get("tracking_uri") or resolve_tracking_uri(cfg.base.tracking.tracking_uri, sweep_dir)
-    enabled = cfg.base.tracking.enabled
-    parent = RunLogger(uri, run_id=state.get("parent_run_id"), enabled=enabled)
+
+def _parent_run(cfg: SweepConfig, sweep_dir: Path, state: dict[str, Any]) -> RunLogger:
+    """The sweep's MLflow parent run (the saved one on --resume); its id is kept in the sweep state."""
+    uri = state.get("tracking_uri") or resolve_tracking_uri(cfg.base.tracking.tracking_uri)
+    parent = RunLogger(uri, run_id=state.get("parent_run_id"), enabled=cfg.base.tracking.enabled)
     if parent.run_id is None:
-        parent.start(cfg.base.tracking.experiment, cfg.name, artifact_location=artifact_location(uri, sweep_dir),
+        parent.start(cfg.base.tracking.experiment, cfg.name, artifact_location=artifact_location(uri),
                      tags={"hypersort.sweep": cfg.name, "hypersort.sweep_dir": str(sweep_dir), "hypersort.kind": "sweep"})
         parent.log_params(_sweep_params(cfg))
     state.update({"parent_run_id": parent.run_id, "tracking_uri": uri, "name": cfg.name})
-    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    atomic_write_json(sweep_dir / STATE_FILE, state)
+    return parent
 
+
+def _fit(cfg: SweepConfig, sweep_dir: Path, parent: RunLogger, address: str | None, resume: bool,
+         data_info: dict[str, Any], hooks: dict[str, Any]):
+    """Run the Tuner on a private or joined Ray; returns (result grid, leaked Train actors)."""
     saved_api = os.environ.get(API_SERVER_ENV)
-    started = False
+    handle = None
     try:
-        started, slots = _init_ray(address, cfg)
-        ctx = trial_context(cfg, sweep_dir, uri, parent.run_id)
+        handle, slots = _init_ray(address, cfg)
+        ctx = trial_context(cfg, sweep_dir, parent.tracking_uri, parent.run_id, **hooks)
         tuner = _tuner(cfg, sweep_dir, ctx, slots, resume)
-        print(
-            f"sweep: {cfg.num_samples} sample(s) × {grid_size(cfg)} grid point(s), {cfg.scheduler} on {cfg.metric} "
-            f"({cfg.resolved_mode}), {data_info['n_train']} training / {data_info['n_validation']} held-out cases, "
-            f"trial slots {slots or 'none'}, folder {sweep_dir}",
-            file=sys.stderr,
+        log.info(
+            "sweep: %s sample(s) × %s grid point(s), %s on %s (%s), %s training / %s held-out cases, trial "
+            "slots %s, folder %s", cfg.num_samples, grid_size(cfg), cfg.scheduler, cfg.metric, cfg.resolved_mode,
+            data_info["n_train"], data_info["n_validation"], slots or "none", sweep_dir,
         )
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables must not pollute --json stdout
             grid = tuner.fit()
-        leaked = leaked_train_actors()
-    except BaseException:
-        parent.end("FAILED")
-        raise
+        return grid, leaked_train_actors()
     finally:
-        if started:
-            import ray
+        if handle is not None and handle.started:
+            handle.close()
+        if saved_api is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = saved_api
 
-            ray.shutdown()
-            if saved_api is None:
-                os.environ.pop(API_SERVER_ENV, None)
-            else:
-                os.environ[API_SERVER_ENV] = saved_api
 
-    rows = collect_rows(grid, cfg, sweep_dir, saved_trial_states(exp_path))
-    _close_child_runs(rows, uri, enabled)
+def _best(df, cfg: SweepConfig) -> dict[str, Any] | None:
+    finished = df[(df["status"] == "finished") & df[cfg.metric].notna()] if len(df) else df
+    if not len(finished):
+        return None
+    top = finished.iloc[0]
+    return {"trial_id": top["trial_id"], cfg.metric: float(top[cfg.metric]),
+            "params": {k: _plain(top[k]) for k in cfg.space if k in top}, "run_dir": top["run_dir"],
+            "mlflow_run_id": top.get("mlflow_run_id", "")}
+
+
+def _finish(cfg: SweepConfig, sweep_dir: Path, grid, leaked: list[str], parent: RunLogger, resume: bool,
+            t0: float) -> dict[str, Any]:
+    """Results table, plot, best-trial registration, MLflow parent run closed; the sweep's summary."""
+    rows = collect_rows(grid, cfg, sweep_dir, saved_trial_states(sweep_dir / "tune" / cfg.name))
+    _close_child_runs(rows, parent.tracking_uri, cfg.base.tracking.enabled)
     df = results_frame(rows, metric=cfg.metric, mode=cfg.resolved_mode, params=list(cfg.space))
     results_csv = write_results(df, sweep_dir / "results.csv")
     print_table(df, metric=cfg.metric, mode=cfg.resolved_mode, title=f"sweep {cfg.name}")
     plot = plot_objective(df, sweep_dir / "objective.png", metric=cfg.metric, x_keys=PLOT_KEYS)
-
     counts = {s: int((df["status"] == s).sum()) for s in ("finished", "stopped", "failed", "interrupted")} if len(df) else {}
     interrupted = counts.get("interrupted", 0) > 0
-    finished = df[(df["status"] == "finished") & df[cfg.metric].notna()] if len(df) else df
-    best = None
-    if len(finished):
-        top = finished.iloc[0]
-        best = {"trial_id": top["trial_id"], cfg.metric: float(top[cfg.metric]),
-                "params": {k: _plain(top[k]) for k in cfg.space if k in top}, "run_dir": top["run_dir"],
-                "mlflow_run_id": top.get("mlflow_run_id", "")}
-    registered = None if interrupted else _register_best(cfg, best, uri)
-
+    best = _best(df, cfg)
+    registered = None if interrupted else _register_best(cfg, best, parent.tracking_uri)
     parent.log_metrics({"n_trials": len(df), **{f"n_{k}": v for k, v in counts.items()},
                         **({f"best_{cfg.metric}": best[cfg.metric]} if best else {})}, step=0)
     if best:
@@ -473,33 +492,21 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
             parent.log_artifact(Path(path))
     parent.end("KILLED" if interrupted else "FINISHED")
     if interrupted:
-        print(f"sweep: interrupted with {counts['interrupted']} unfinished trial(s); continue with --resume "
-              f"(same --out {sweep_dir})", file=sys.stderr)
+        log.warning("sweep: interrupted with %s unfinished trial(s); continue with --resume (same --out %s)",
+                    counts["interrupted"], sweep_dir)
     if leaked:
         warnings.warn(f"Ray Train actors still alive after the sweep: {leaked}", RuntimeWarning, stacklevel=2)
     return {
-        "sweep_dir": str(sweep_dir),
-        "results_csv": str(results_csv),
-        "plot": str(plot) if plot else None,
-        "metric": cfg.metric,
-        "mode": cfg.resolved_mode,
-        "n_trials": len(df),
-        **{f"n_{k}": v for k, v in counts.items()},
-        "best": best,
-        "registered": registered,
-        "parent_run_id": parent.run_id,
-        "tracking_uri": uri,
-        "leaked_train_actors": leaked,
-        "resumed": resume,
-        "interrupted": interrupted,
+        "sweep_dir": str(sweep_dir), "results_csv": str(results_csv), "plot": str(plot) if plot else None,
+        "metric": cfg.metric, "mode": cfg.resolved_mode, "n_trials": len(df), **{f"n_{k}": v for k, v in counts.items()},
+        "best": best, "registered": registered, "parent_run_id": parent.run_id, "tracking_uri": parent.tracking_uri,
+        "leaked_train_actors": leaked, "resumed": resume, "interrupted": interrupted,
         "seconds": round(time.time() - t0, 1),
     }
 
 
 def _saved_config(cfg: SweepConfig, sweep_dir: Path) -> SweepConfig:
     """On --resume the sweep continues with the config it started with (``sweep.yaml``)."""
-    from hypersort_ray.config import load_sweep_config
-
     path = sweep_dir / "sweep.yaml"
     if not path.is_file():
         return cfg
@@ -507,8 +514,7 @@ def _saved_config(cfg: SweepConfig, sweep_dir: Path) -> SweepConfig:
     if saved != cfg:
         old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        print(f"sweep: --resume continues with {path}; ignoring the given config's changes to {changed[:8]}",
-              file=sys.stderr)
+        log.warning("sweep: --resume continues with %s; ignoring the given config's changes to %s", path, changed[:8])
     return saved
 
 

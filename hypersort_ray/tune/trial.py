@@ -16,10 +16,11 @@ a sweep therefore keeps the dashboard on and, for a local Ray, tells every worke
 (``RAY_API_SERVER_ADDRESS``), since the cleaner's auto-detection fails when several Ray instances share
 a host and the placement group then leaks (both seen here; see ``sweep._init_ray``).
 
-What a trial leaves in ``SWEEP/trials/<trial_id>/`` is an ordinary run folder (``config.yaml``,
-``checkpoint/``, ``history.csv``, ``latents.csv``, ``train_summary.json``) plus ``data/`` (the
-trial's training sub-datalist and re-indexed truth table) and ``validation.json``: ``load_model`` and
-``hypersort analyze`` work on it unchanged.
+What a trial leaves in ``SWEEP/trials/<trial_id>/`` is an ordinary run folder
+(:class:`~hypersort_ray.runs.RunDir`) plus ``data/`` (the trial's training sub-datalist and re-indexed
+truth table), ``validation.json`` and ``validation_history.csv``: ``load_model`` and ``hypersort analyze``
+work on it unchanged. After training, the trial runs the sweep's ``after_training`` hook (the pipeline's
+analysis step, handed down by :mod:`hypersort_ray.pipeline`) so that ``val_dice_style`` sees the styles.
 
 Validation (``base.data.validation_fraction`` > 0): the held-out cases (:func:`split_validation`) never
 get a latent; they are segmented with λ = 0 (the main style) on every checkpoint epoch (``val_dice``,
@@ -31,20 +32,40 @@ as unperturbed.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from hypersort_ray.analysis.dice import dice_score
+from hypersort_ray.atomic import atomic_write_json, atomic_write_text
 from hypersort_ray.config import ExperimentConfig, SweepConfig
+from hypersort_ray.data.datalist import load_datalist
+from hypersort_ray.data.transforms import map_label_values
+from hypersort_ray.data.truth import perturbed_by_index, read_truth_csv, resolve_truth_path
 from hypersort_ray.errors import ConfigError
+from hypersort_ray.inference import load_model
+from hypersort_ray.runs import RunDir
+from hypersort_ray.tracking.mlflow_logger import RunLogger, config_params
+from hypersort_ray.train.trainer import (
+    LatentMapHook,
+    build_trainer,
+    finalize_run,
+    make_run_folder_callback,
+    prepare_run_folder,
+)
 from hypersort_ray.tune.space import split_validation, trial_experiment
 
-__all__ = ["TrialContext", "dice_per_class", "evaluate_validation", "prepare_trial_data", "run_trial"]
+__all__ = ["TrialContext", "evaluate_validation", "prepare_trial_data", "run_trial", "truth_path"]
+
+log = logging.getLogger(__name__)
+#: What the pipeline runs in a trial after training (e.g. the analysis): ``hook(run_dir, config)``.
+AfterTraining = Callable[[Path, ExperimentConfig], Any]
 
 # A trial whose worker group cannot start (e.g. starved of CPUs) fails after this many controller
 # retries instead of retrying forever (Train's default is -1 = forever).
@@ -55,14 +76,27 @@ VAL_HISTORY = "validation_history.csv"
 
 
 # --------------------------------------------------------------------------------------- context
-def trial_context(sweep: SweepConfig, sweep_dir: Path, tracking_uri: str, parent_run_id: str | None) -> dict[str, Any]:
-    """What every trial needs besides its sampled values (passed with ``tune.with_parameters``)."""
+def trial_context(
+    sweep: SweepConfig,
+    sweep_dir: Path,
+    tracking_uri: str,
+    parent_run_id: str | None,
+    *,
+    after_training: AfterTraining | None = None,
+    latent_map: LatentMapHook | None = None,
+) -> dict[str, Any]:
+    """What every trial needs besides its sampled values (passed with ``tune.with_parameters``).
+
+    The hooks must be module-level functions (Ray ships them to the trial actors by reference).
+    """
     return {
         "sweep": sweep.model_dump(mode="json"),
         "sweep_dir": str(Path(sweep_dir).resolve()),
         "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id,
         "fault": os.environ.get("HYPERSORT_TEST_FAULT"),
+        "after_training": after_training,
+        "latent_map": latent_map,
     }
 
 
@@ -70,14 +104,9 @@ TrialContext = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------- data
-def _truth_path(cfg: ExperimentConfig) -> Path | None:
-    if cfg.data.truth is not None:
-        return Path(cfg.data.truth) if Path(cfg.data.truth).is_file() else None
-    if cfg.data.datalist is None:
-        return None
-    d = Path(cfg.data.datalist)
-    candidate = (d if d.is_dir() else d.parent) / "truth.csv"
-    return candidate if candidate.is_file() else None
+def truth_path(cfg: ExperimentConfig) -> Path | None:
+    """The dataset's truth table (``data.truth``, else the one beside the datalist), or None."""
+    return resolve_truth_path(None, cfg.data.truth, cfg.data.datalist)
 
 
 def prepare_trial_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[ExperimentConfig, list[dict[str, Any]]]:
@@ -91,8 +120,6 @@ def prepare_trial_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[Experiment
         The trial's config (``data.datalist``/``data.truth`` replaced) and the held-out cases as dicts
         ``{"index", "case_id", "image", "label", "perturbed"}`` (``perturbed`` None when unknown).
     """
-    from hypersort_ray.data.datalist import load_datalist
-
     if cfg.data.datalist is None:
         raise ConfigError("base.data.datalist is not set: pass --datalist or set it in the sweep config")
     fraction = cfg.data.validation_fraction
@@ -104,71 +131,36 @@ def prepare_trial_data(cfg: ExperimentConfig, run_dir: Path) -> tuple[Experiment
     data_dir.mkdir(parents=True, exist_ok=True)
     sub = data_dir / "datalist.tsv"
     lines = ["DataPath\tLabelPath"] + [f"{cases[i].image}\t{cases[i].label}" for i in train_idx]
-    _atomic_write(sub, "\n".join(lines) + "\n")
+    atomic_write_text(sub, "\n".join(lines) + "\n")
 
-    truth_file = _truth_path(cfg)
+    truth_file = truth_path(cfg)
     perturbed: dict[int, bool] = {}
     new_truth = None
     if truth_file is not None:
-        import pandas as pd
-
-        df = pd.read_csv(truth_file)
+        df = read_truth_csv(truth_file)
         if "index" in df.columns:
-            if "perturbation" in df.columns:
-                perturbed = {int(i): str(p) != "none" for i, p in zip(df["index"], df["perturbation"], strict=True)}
-            elif "voxels_changed" in df.columns:
-                perturbed = {int(i): float(v) > 0 for i, v in zip(df["index"], df["voxels_changed"], strict=True)}
+            perturbed = perturbed_by_index(df)
             position = {old: new for new, old in enumerate(train_idx)}
             part = df[df["index"].isin(position)].copy()
             part.insert(0, "source_index", part["index"].astype(int))
             part["index"] = part["source_index"].map(position)
-            part = part.sort_values("index")
-            new_truth = data_dir / "truth.csv"
-            tmp = new_truth.with_suffix(".csv.tmp")
-            part.to_csv(tmp, index=False)
-            tmp.replace(new_truth)
+            new_truth = data_dir / truth_file.name
+            atomic_write_text(new_truth, part.sort_values("index").to_csv(index=False))
     data = cfg.data.model_copy(update={"datalist": sub, "truth": new_truth})
     held_out = [
         {"index": i, "case_id": cases[i].case_id, "image": str(cases[i].image), "label": str(cases[i].label),
          "perturbed": perturbed.get(i)}
         for i in val_idx
     ]
-    _atomic_write(data_dir / "validation_cases.json", json.dumps(held_out, indent=2) + "\n")
+    atomic_write_json(data_dir / "validation_cases.json", held_out)
     return cfg.model_copy(update={"data": data}), held_out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------- evaluation
-def dice_per_class(pred, truth, num_classes: int) -> float:
-    """Mean Dice over foreground classes 1..K-1 (a class absent from both counts as 1)."""
-    import numpy as np
-
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from label shape {truth.shape}")
-    scores = []
-    for k in range(1, num_classes):
-        p, t = pred == k, truth == k
-        denom = int(p.sum()) + int(t.sum())
-        scores.append(1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom)
-    return float(np.mean(scores)) if scores else math.nan
-
-
-def _mapped_label(path: str, cfg: ExperimentConfig):
+def _mapped_label(path: str, cfg: ExperimentConfig) -> np.ndarray:
     import nibabel as nib
-    import numpy as np
-    import torch
 
-    from hypersort_ray.data.transforms import MapLabelsd
-
-    raw = np.asanyarray(nib.load(path).dataobj)
-    mapper = MapLabelsd(keys="label", config=cfg.preprocessing.label)
-    return mapper.map_tensor(torch.as_tensor(np.asarray(raw, dtype=np.float32))).numpy().astype(np.int64)
+    return map_label_values(np.asanyarray(nib.load(path).dataobj), cfg.preprocessing.label)
 
 
 def evaluate_validation(model_ref: str | Path, cases: Sequence[Mapping[str, Any]], *, all_styles: bool) -> dict[str, Any]:
@@ -183,10 +175,7 @@ def evaluate_validation(model_ref: str | Path, cases: Sequence[Mapping[str, Any]
         ``{"val_dice", "val_dice_style", "val_dice_unperturbed", "val_cases", "val_styles", "per_case"}``
         (``val_dice_style``/``val_dice_unperturbed`` only when computed).
     """
-    import numpy as np
     import torch
-
-    from hypersort_ray.inference import load_model
 
     if not cases:
         return {}
@@ -199,7 +188,7 @@ def evaluate_validation(model_ref: str | Path, cases: Sequence[Mapping[str, Any]
     for case in cases:
         prepared = model.prepare(case["image"])
         label = _mapped_label(case["label"], model.config)
-        scores = {s: dice_per_class(model.predict(prepared, style=s)["mask"], label, model.num_classes) for s in styles}
+        scores = {s: dice_score(model.predict(prepared, style=s)["mask"], label, model.num_classes) for s in styles}
         best = max(scores, key=lambda s: scores[s])
         per_case.append({"case_id": case["case_id"], "index": case["index"], "perturbed": case.get("perturbed"),
                          "dice_main": scores["main"], "best_style": best, "dice_best_style": scores[best]})
@@ -253,7 +242,7 @@ def _make_report_callback(held_out: list[dict[str, Any]], metric: str, run_dir: 
                         _append_csv(self.history_csv, {"epoch": m.get("epoch"), **{
                             k: v for k, v in m.items() if k.startswith("val_")}})
                     except Exception as exc:  # noqa: BLE001 - a failed evaluation must not stop training
-                        print(f"warning: validation at epoch {m.get('epoch')} failed: {exc}", file=sys.stderr)
+                        log.warning("validation at epoch %s failed: %s", m.get("epoch"), exc)
             if metrics:
                 metrics[0].setdefault(self.metric, math.nan)
             super().after_report(run_context, metrics, checkpoint)
@@ -272,27 +261,21 @@ def _append_csv(path: Path, row: Mapping[str, Any]) -> None:
         writer.writerow(row)
 
 
-def _merge_validation_history(run_dir: Path) -> None:
-    """Add the per-epoch held-out Dice (computed on the controller) to the run's history.csv."""
+def _merge_validation_history(run: RunDir) -> None:
+    """Add the per-epoch held-out Dice (computed on the controller) to the run's history."""
     import pandas as pd
 
-    from hypersort_ray.train.loop import write_history_csv
-
-    val_csv, hist_csv = run_dir / VAL_HISTORY, run_dir / "history.csv"
-    if not (val_csv.is_file() and hist_csv.is_file()):
+    val_csv, hist = run.path / VAL_HISTORY, run.read_history()
+    if not val_csv.is_file() or hist is None:
         return
     val = pd.read_csv(val_csv).drop_duplicates("epoch", keep="last")
-    hist = pd.read_csv(hist_csv)
     hist = hist.drop(columns=[c for c in val.columns if c != "epoch" and c in hist.columns])
-    merged = hist.merge(val, on="epoch", how="left")
-    write_history_csv(hist_csv, merged.to_dict("records"))
+    run.write_history(hist.merge(val, on="epoch", how="left").to_dict("records"))
 
 
 # --------------------------------------------------------------------------------------- the trial
 def _child_logger(ctx: TrialContext, cfg: ExperimentConfig, run_dir: Path, trial_id: str, sample: Mapping[str, Any]):
     """The trial's MLflow child run (reused when the trial is retried or the sweep resumed)."""
-    from hypersort_ray.tracking.mlflow_logger import RunLogger, config_params
-
     logger = RunLogger(ctx["tracking_uri"], enabled=cfg.tracking.enabled)
     id_file = run_dir / MLFLOW_ID_FILE
     if id_file.is_file() and id_file.read_text().strip():
@@ -303,7 +286,7 @@ def _child_logger(ctx: TrialContext, cfg: ExperimentConfig, run_dir: Path, trial
     tags = {"hypersort.sweep": ctx["sweep"]["name"], "hypersort.trial_id": trial_id, "hypersort.run_dir": str(run_dir)}
     logger.start(cfg.tracking.experiment, name, tags=tags, parent_run_id=ctx.get("parent_run_id"))
     if logger.run_id:
-        _atomic_write(id_file, logger.run_id + "\n")
+        atomic_write_text(id_file, logger.run_id + "\n")
         logger.log_params(config_params(cfg))
         logger.set_tags({f"sampled.{k}": v for k, v in sample.items()})
     _bump_attempts(run_dir)
@@ -313,7 +296,7 @@ def _child_logger(ctx: TrialContext, cfg: ExperimentConfig, run_dir: Path, trial
 def _bump_attempts(run_dir: Path) -> int:
     path = run_dir / ".attempts"
     n = int(path.read_text()) + 1 if path.is_file() else 1
-    path.write_text(str(n))
+    atomic_write_text(path, str(n))
     return n
 
 
@@ -325,56 +308,24 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         ctx: :func:`trial_context`.
     """
     import ray.tune
-    from ray.train import FailureConfig
-
-    from hypersort_ray.train.trainer import (
-        _make_run_folder_callback,
-        build_trainer,
-        finalize_run,
-        prepare_run_folder,
-    )
 
     t0 = time.time()
     sweep = SweepConfig.model_validate(ctx["sweep"])
     sample = {k: config[k] for k in sweep.space if k in config}
     trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = Path(ctx["sweep_dir"]) / "trials" / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(Path(ctx["sweep_dir"]) / "trials" / trial_id)
+    run.path.mkdir(parents=True, exist_ok=True)
     if ctx.get("fault"):
         os.environ["HYPERSORT_TEST_FAULT"] = ctx["fault"]  # test-only; read by build_trainer
 
     cfg = trial_experiment(sweep, sample)
-    cfg = cfg.model_copy(update={"output_dir": run_dir, "name": f"{sweep.name}-{trial_id}"})
-    cfg, held_out = prepare_trial_data(cfg, run_dir)
-    cfg, cases = prepare_run_folder(cfg)
-    logger = _child_logger(ctx, cfg, run_dir, trial_id, sample)
-
-    callbacks = [_make_report_callback(held_out, sweep.metric, run_dir), _make_run_folder_callback(run_dir, cfg, logger, [c.case_id for c in cases])]
-    trainer = build_trainer(cfg, cases, callbacks, name=TRIAL_RUN_NAME, storage_path=run_dir / "ray_results")
-    # Workers that crash are restarted from the trial's last checkpoint (training.max_failures); a
-    # worker group that cannot even start fails the trial instead of retrying forever.
-    trainer.run_config.failure_config = FailureConfig(
-        max_failures=cfg.training.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
-    )
+    cfg = cfg.model_copy(update={"output_dir": run.path, "name": f"{sweep.name}-{trial_id}"})
+    cfg, held_out = prepare_trial_data(cfg, run.path)
+    # A retried trial reuses its folder: Ray Train continues from the trial's own checkpoints.
+    cfg, cases = prepare_run_folder(cfg, if_exists="reuse")
+    logger = _child_logger(ctx, cfg, run.path, trial_id, sample)
     try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"trial {trial_id}: training finished without a checkpoint")
-        summary = finalize_run(run_dir, result.checkpoint, cases, logger, seconds=time.time() - t0)
-        _merge_validation_history(run_dir)
-        final = dict(result.metrics or {})
-        final.pop("checkpoint_path", None)
-        if held_out:
-            if cfg.analysis.run_after_training:
-                _analyze(run_dir)
-            evaluation = evaluate_validation(run_dir, held_out, all_styles=True)
-            (run_dir / "validation.json").write_text(json.dumps(evaluation, indent=2, default=str) + "\n")
-            final.update({k: v for k, v in evaluation.items() if k != "per_case"})
-        final.update({"seconds": round(time.time() - t0, 1), "trial_done": 1, "mlflow_run_id": logger.run_id or "",
-                      "run_dir": str(run_dir)})
-        final.setdefault("epoch", summary.get("epochs"))
-        logger.log_metrics({k: v for k, v in _scalar_metrics(final).items() if k.startswith("val_")},
-                           step=int(final.get("epoch") or 0))
+        final = _train_and_evaluate(ctx, cfg, run, cases, held_out, logger, sweep.metric, t0)
         logger.end("FINISHED")
     except BaseException:
         logger.end("FAILED")
@@ -382,13 +333,43 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ray.tune.report(final)
 
 
-def _analyze(run_dir: Path) -> None:
-    """Styles for ``val_dice_style`` from ``hypersort analyze`` when that module is present (fail-soft)."""
-    try:
-        from hypersort_ray.analysis.run import analyze_run
-    except ImportError:
-        return
-    try:
-        analyze_run(run_dir, progress=False)
-    except Exception as exc:  # noqa: BLE001 - styles are a bonus; λ = 0 Dice is the objective
-        print(f"warning: analysis of {run_dir} failed ({exc}); val_dice_style uses λ = 0 only", file=sys.stderr)
+def _train_and_evaluate(
+    ctx: TrialContext, cfg: ExperimentConfig, run: RunDir, cases: list, held_out: list, logger: RunLogger,
+    metric: str, t0: float,
+) -> dict[str, Any]:
+    """Train the trial, then score its held-out cases with every style; returns the final Tune result."""
+    from ray.train import FailureConfig
+
+    callbacks = [
+        _make_report_callback(held_out, metric, run.path),
+        make_run_folder_callback(run, cfg, logger, [c.case_id for c in cases], latent_map=ctx.get("latent_map")),
+    ]
+    trainer = build_trainer(cfg, cases, callbacks, name=TRIAL_RUN_NAME, storage_path=run.ray_results_dir)
+    # Workers that crash are restarted from the trial's last checkpoint (training.max_failures); a
+    # worker group that cannot even start fails the trial instead of retrying forever.
+    trainer.run_config.failure_config = FailureConfig(
+        max_failures=cfg.training.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {run.path.name}: training finished without a checkpoint")
+    summary = finalize_run(run, result.checkpoint, cases, logger, seconds=time.time() - t0)
+    _merge_validation_history(run)
+    final = dict(result.metrics or {})
+    final.pop("checkpoint_path", None)
+    if held_out:
+        hook = ctx.get("after_training")
+        if hook is not None and cfg.analysis.run_after_training:
+            try:
+                hook(run.path, cfg)
+            except Exception as exc:  # noqa: BLE001 - styles are a bonus; λ = 0 Dice is the objective
+                log.warning("analysis of %s failed (%s); val_dice_style uses λ = 0 only", run.path, exc)
+        evaluation = evaluate_validation(run.path, held_out, all_styles=True)
+        atomic_write_json(run.path / "validation.json", evaluation)
+        final.update({k: v for k, v in evaluation.items() if k != "per_case"})
+    final.update({"seconds": round(time.time() - t0, 1), "trial_done": 1, "mlflow_run_id": logger.run_id or "",
+                  "run_dir": str(run.path)})
+    final.setdefault("epoch", summary.get("epochs"))
+    logger.log_metrics({k: v for k, v in _scalar_metrics(final).items() if k.startswith("val_")},
+                       step=int(final.get("epoch") or 0))
+    return final

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from helpers_model import make_tiny_run, tiny_image
 
-from hypersort_ray.errors import ModelError
+from hypersort_ray.errors import ModelError, ProvenanceError
 from hypersort_ray.inference import export_cli, load_exported_unet, load_model, predict_cli
+from hypersort_ray.runs import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -101,12 +102,15 @@ def _mask(path: Path) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def no_env_store():
-    """Registry tests choose their store explicitly; a CI-wide MLFLOW_TRACKING_URI must not leak in."""
+def no_env_store(tmp_path_factory):
+    """No store named: commands use the workspace store ``./mlflow.db`` of a folder of the module's own
+    (a CI-wide MLFLOW_TRACKING_URI must not leak in). Yields that folder."""
+    workspace = tmp_path_factory.mktemp("workspace")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        yield
+        mp.chdir(workspace)
+        yield workspace
 
 
 @pytest.fixture(scope="module")
@@ -116,18 +120,18 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def training(run_dir, no_env_store) -> dict:
-    """What ``hypersort train`` leaves in the embedded store: a finished run named in train_summary.json."""
-    from hypersort_ray.tracking.mlflow_logger import RunLogger, artifact_location, resolve_tracking_uri
+    """What ``hypersort train`` leaves in the workspace store: a finished run named in the run's summary."""
+    from hypersort_ray.mlflow_store import artifact_location, resolve_tracking_uri
+    from hypersort_ray.tracking.mlflow_logger import RunLogger
 
-    uri = resolve_tracking_uri(None, run_dir)
+    uri = resolve_tracking_uri(None)
     logger = RunLogger(uri)
-    run_id = logger.start("hypersort", "tiny", artifact_location=artifact_location(uri, run_dir),
+    run_id = logger.start("hypersort", "tiny", artifact_location=artifact_location(uri),
                           tags={"dataset_hash": "feedc0ffee"})
-    assert run_id, "the embedded store must accept a run"
+    assert run_id, "the workspace store must accept a run"
     logger.end("FINISHED")
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    summary.update(mlflow_run_id=run_id, tracking_uri=uri)
-    (run_dir / "train_summary.json").write_text(json.dumps(summary))
+    run = RunDir(run_dir)
+    run.write_summary({**run.read_summary(), "mlflow_run_id": run_id, "tracking_uri": uri})
     return {"run_id": run_id, "end_time": logger.client.get_run(run_id).info.end_time}
 
 
@@ -196,11 +200,11 @@ def mlflow_server(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ embedded registry
-def test_register_into_the_training_run(registered, training_run, training, run_dir):
+def test_register_into_the_training_run(registered, training_run, training, run_dir, no_env_store):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve().as_posix()}"
-    assert registered["tracking_uri"] == uri
+    uri = f"sqlite:///{(no_env_store / 'mlflow.db').resolve().as_posix()}"
+    assert registered["tracking_uri"] == uri, "no store named: the workspace store ./mlflow.db"
     assert registered["run_id"] == training_run, "the model goes into the run that trained it"
     assert registered["version"] == "1"
     assert registered["model_uri"] == f"models:/{NAME}@champion"
@@ -212,6 +216,7 @@ def test_register_into_the_training_run(registered, training_run, training, run_
     assert tags["hypersort.dataset_hash"] == "feedc0ffee"
     assert tags["hypersort.latent_dim"] == "2"
     assert tags["hypersort.num_styles"] == "3"
+    assert tags["hypersort.checkpoint_sha256"] == RunDir(run_dir).checkpoint_sha256(), "provenance"
     assert float(tags["train.loss"]) == pytest.approx(0.9)
     run = client.get_run(training_run)
     assert run.info.status == "FINISHED", "registering keeps the run's status"
@@ -230,9 +235,9 @@ def test_logged_model_holds_no_pickle(registered, run_dir, tmp_path):
     import mlflow
     import yaml
 
-    from hypersort_ray.tracking.registry import mlflow_store
+    from hypersort_ray.mlflow_store import using_store
 
-    with mlflow_store(registered["tracking_uri"]):
+    with using_store(registered["tracking_uri"]):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["model_uri"], dst_path=str(tmp_path)))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".joblib"))], files
@@ -240,7 +245,7 @@ def test_logged_model_holds_no_pickle(registered, run_dir, tmp_path):
     pyfunc = mlmodel["flavors"]["python_function"]
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("model_code.py")
-    assert pyfunc["code"] == "code" and (local / "code" / "hypersort_ray" / "inference.py").is_file()
+    assert pyfunc["code"] == "code" and (local / "code" / "hypersort_ray" / "inference" / "model.py").is_file()
     assert (local / "artifacts" / "hypersort" / "hypernet.safetensors").is_file()
     reqs = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in reqs} >= {"mlflow", "torch", "monai", "nibabel", "safetensors", "numpy"}
@@ -276,10 +281,9 @@ def test_bad_alias_is_refused_before_logging(run_dir, training_run):
 
 
 def test_auto_register(run_dir, training_run):
-    from hypersort_ray.config import load_config
     from hypersort_ray.tracking.registry import auto_register
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = RunDir(run_dir).read_config()
     assert cfg.tracking.register_as is None and auto_register(cfg, run_dir) is None
 
     def with_tracking(**kw):
@@ -324,7 +328,7 @@ def test_registry_on_mlflow_server(mlflow_server, run_dir, model, tmp_path, no_e
     assert result["tracking_uri"] == mlflow_server and result["version"] == "1"
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version_by_alias("tiny-http", "champion")
-    assert version.run_id == result["run_id"] != json.loads((run_dir / "train_summary.json").read_text())["mlflow_run_id"]
+    assert version.run_id == result["run_id"] != RunDir(run_dir).read_summary()["mlflow_run_id"]
     assert version.tags["hypersort.latent_dim"] == "2"
 
     image = tiny_image(run_dir, 1)
@@ -337,7 +341,7 @@ def test_registry_on_mlflow_server(mlflow_server, run_dir, model, tmp_path, no_e
 def test_register_errors(tmp_path, no_env_store):
     from hypersort_ray.tracking.registry import register_run
 
-    with pytest.raises(ModelError, match="no checkpoint"):
+    with pytest.raises(ModelError, match="no complete checkpoint"):
         register_run(tmp_path, NAME)
     run = make_tiny_run(tmp_path, with_styles=False)
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
@@ -345,7 +349,13 @@ def test_register_errors(tmp_path, no_env_store):
     with pytest.raises(ModelError, match=rf"MLflow store {dead}: registering '{NAME}' failed"):
         register_run(run, NAME, tracking_uri=dead)
     assert time.monotonic() - t0 < 60, "a dead server must fail fast, not after minutes of retries"
-    assert not (run / "mlflow.db").exists()
+    # Styles fitted on another checkpoint are refused before anything reaches the registry.
+    other = RunDir(make_tiny_run(tmp_path, name="other", seed=5))
+    RunDir(run).analysis.styles_json.parent.mkdir(exist_ok=True)
+    RunDir(run).analysis.styles_json.write_bytes(other.analysis.styles_json.read_bytes())
+    with pytest.raises(ProvenanceError, match="re-run `hypersort analyze"):
+        register_run(run, NAME, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+    assert not (tmp_path / "other.db").exists(), "nothing was logged"
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -373,8 +383,8 @@ def test_export_state_dict_loads_into_the_primary_class(run_dir, model, tmp_path
     assert export_cli(str(run_dir), style="0.3,-0.2", out=latent_out, fmt="state_dict")["style"] == "latent"
     with pytest.raises(ModelError, match="unknown style 'zzz'"):
         export_cli(str(run_dir), style="zzz", out=tmp_path / "x.safetensors", fmt="state_dict")
-    with pytest.raises(ModelError, match="--format 'onnx'"):
-        export_cli(str(run_dir), style="1", out=tmp_path / "x.onnx", fmt="onnx")
+    with pytest.raises(ModelError, match="--format 'tflite'"):
+        export_cli(str(run_dir), style="1", out=tmp_path / "x.tflite", fmt="tflite")
 
 
 def test_export_torchscript_runs_in_a_fresh_process(registered, model, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 
 from hypersort_ray.config import SweepConfig
 from hypersort_ray.errors import ConfigError
+from hypersort_ray.runs import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +54,16 @@ def _config(data_dir, out) -> SweepConfig:
 def sweep(tmp_path_factory):
     import ray
 
+    from hypersort_ray import pipeline
     from hypersort_ray.data.synthetic import generate_dataset
     from hypersort_ray.train.trainer import FAULT_ENV
-    from hypersort_ray.tune.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     generate_dataset(root / "data", cases=8, size=24, seed=0)
     cfg = _config(root / "data", root / "out")
     os.environ[FAULT_ENV] = "epoch=1,step=0,rank=0"
     try:
-        summary = run_sweep(cfg, address=None, resume=False)
+        summary = pipeline.sweep(cfg, address=None, resume=False)
     finally:
         os.environ.pop(FAULT_ENV, None)
         ray.shutdown()
@@ -94,17 +95,17 @@ def test_crashed_trials_were_retried_from_their_checkpoint(sweep):
     _, _, out = sweep
     df = pd.read_csv(out / "results.csv")
     for run_dir in df[df["status"] == "finished"]["run_dir"]:
-        run_dir = out / "trials" / os.path.basename(run_dir)
-        assert (run_dir / ".fault_injected").is_file()  # the fault fired ...
-        assert (run_dir / ".attempts").read_text() == "2"  # ... and Tune ran the trial again
-        hist = pd.read_csv(run_dir / "history.csv")
+        run = RunDir(out / "trials" / os.path.basename(run_dir))
+        assert (run.path / ".fault_injected").is_file()  # the fault fired ...
+        assert (run.path / ".attempts").read_text() == "2"  # ... and Tune ran the trial again
+        hist = run.read_history()
         assert list(hist["epoch"]) == [1, 2]
         assert hist["val_dice"].notna().all()
-        assert (run_dir / "checkpoint" / "hypernet.safetensors").is_file()
-        val = json.loads((run_dir / "validation.json").read_text())
+        assert run.load_checkpoint().epoch == 2
+        val = json.loads((run.path / "validation.json").read_text())
         assert val["val_cases"] == 2 and 0 <= val["val_dice"] <= 1
         # the held-out cases were never trained on: 6 latents for the 6 training cases
-        assert len(pd.read_csv(run_dir / "latents.csv")) == 6
+        assert len(run.read_latents()[0]) == 6
 
 
 def test_mlflow_parent_and_child_runs(sweep):

@@ -1,4 +1,4 @@
-"""Metrics against a truth CSV (analysis/metrics.py)."""
+"""Metrics against a truth CSV (``hypersort_ray.analysis.metrics``; the truth is read by ``data.truth``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score, average_precision_score, roc_auc_score
 
-from hypersort_ray.analysis.metrics import align_truth, compute_metrics, direction_cosines, read_truth_csv
+from hypersort_ray.analysis.metrics import align_truth, compute_metrics, direction_cosines
 from hypersort_ray.analysis.scores import suspicion_table
+from hypersort_ray.data.truth import read_truth_csv
 from hypersort_ray.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""Figures (analysis/plots.py) and the report page (analysis/report.py)."""
+"""Figures (``hypersort_ray.analysis.plots``) and the report page (``hypersort_ray.analysis.report``)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_latent_map_png(dim):
 
 def test_external_refs_detects_network_resources():
     page = '<script src="https://cdn.plot.ly/p.js"></script><img src="data:image/png;base64,AA">'
-    page += "<link href='//fonts.example/x.css'><a href='latent_map.html'>map</a>"
+    page += "<link href='//fonts.example/x.css'><a href='map.html'>map</a>"
     page += '<script>var u = "<img src=https://not.a.tag>";</script>'
     assert external_refs(page) == ["https://cdn.plot.ly/p.js", "//fonts.example/x.css"]
 
@@ -158,7 +158,9 @@ def test_report_page():
             top_k=5,
             rank_by="latent_norm",
             latent_map_png=plots.latent_map_png(z, model.keys, ids),
+            latent_map_html="map.html",
             loss_curves_png=None,
+            ranking_csv="ranking.csv",
             metrics=metrics,
             thumbnails={int(table["index"].iloc[0]): thumb},
             settings={"analysis config": {"top_k": 5}},
@@ -178,4 +180,4 @@ def test_report_page():
         assert section in page
     assert page.count("data:image/png;base64,") == 2  # map + one thumbnail
     assert "0.900" in page and "n/a" in page and "opposite sides" in page
-    assert "href='latent_map.html'" in page
+    assert "href='map.html'" in page and "Full ranking: <code>ranking.csv</code>" in page

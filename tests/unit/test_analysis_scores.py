@@ -1,4 +1,4 @@
-"""Suspicion scores and the ranked table (analysis/scores.py)."""
+"""Suspicion scores and the ranked table (``hypersort_ray.analysis.scores``)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_bad_inputs():
 
 def test_csv_round_trip(tmp_path):
     table = _table(extra={"main_style_disagreement": [0.3, np.nan, 0.9, 0.1]})
-    path = write_suspicion_csv(table, tmp_path / "analysis" / "suspicion.csv")
+    path = write_suspicion_csv(table, tmp_path / "out" / "ranking.csv")
     text = path.read_text()
     assert (
         text.splitlines()[0]
@@ -99,4 +99,4 @@ def test_csv_round_trip(tmp_path):
     assert back["style"].tolist() == table["style"].tolist()
     np.testing.assert_allclose(back["latent_norm"], table["latent_norm"], rtol=1e-5)
     assert back["main_style_disagreement"].isna().sum() == 1
-    assert not list(tmp_path.joinpath("analysis").glob(".*tmp*"))  # no temporary file left behind
+    assert not list(tmp_path.joinpath("out").glob(".*tmp*"))  # no temporary file left behind

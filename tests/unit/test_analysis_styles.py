@@ -1,4 +1,4 @@
-"""Style discovery (analysis/styles.py) and the latent simulator it is tuned on (analysis/simulate.py)."""
+"""Style discovery (``analysis.styles``) and the latent simulator it is tuned on (``analysis.simulate``)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,7 @@ are meaningless, the tests check folds, coverage, ranges, determinism and the cl
 from __future__ import annotations
 
 import json
-import warnings
-from pathlib import Path
+import logging
 
 import numpy as np
 import pandas as pd
@@ -21,19 +20,23 @@ from hypersort_ray.analysis.baselines import (
     equal_compute_epochs,
     run_baselines,
 )
-from hypersort_ray.analysis.model_scores import MODEL_SCORE_COLUMNS, dice_score, model_scores
+from hypersort_ray.analysis.evaluation import load_run_cases, read_run_latents
+from hypersort_ray.analysis.model_scores import MODEL_SCORE_COLUMNS, make_predictor, model_scores
 from hypersort_ray.errors import ConfigError, DataError, RunError
-from hypersort_ray.train.latents_io import read_latents_csv, write_latents_csv
+from hypersort_ray.inference import load_model
+from hypersort_ray.runs import RunDir
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:transform info of:UserWarning"),
-    pytest.mark.filterwarnings("ignore:.*case id.*differ:UserWarning"),
-]
+pytestmark = [pytest.mark.filterwarnings("ignore:transform info of:UserWarning")]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("baselines"), n_cases=6, with_styles=False)
+def run_dir(tmp_path_factory) -> RunDir:
+    return RunDir(make_tiny_run(tmp_path_factory.mktemp("baselines"), n_cases=6, with_styles=False))
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load_model(run_dir.checkpoint_dir, cache_size=0)
 
 
 # ------------------------------------------------------------------------------------------- folds
@@ -76,14 +79,6 @@ def test_cleanlab_suspicion_matches_cleanlab_and_orders_cases():
     assert 0.0 <= cleanlab_suspicion(label[0], probs[:, 0]) <= 1.0  # 2D case
 
 
-def test_dice_score():
-    a = np.array([[0, 1, 1, 2]])
-    assert dice_score(a, a, 3) == 1.0
-    assert dice_score(np.zeros(4), np.zeros(4)) == 1.0
-    assert dice_score(np.array([1, 1, 0, 0]), np.array([0, 0, 1, 1])) == 0.0
-    assert dice_score(np.array([0, 1, 1, 2]), np.array([0, 1, 0, 0]), 3) == pytest.approx((2 / 3 + 0) / 2)
-
-
 # --------------------------------------------------------------------------------------- baselines
 def test_run_baselines_out_of_fold_scores(run_dir):
     df = run_baselines(run_dir, folds=3, epochs=1, seed=5)
@@ -94,11 +89,11 @@ def test_run_baselines_out_of_fold_scores(run_dir):
         assert df[col].between(0.0, 1.0).all() and df[col].notna().all()
     assert df.attrs["epochs"] == 1 and df.attrs["folds"] == 3 and df.attrs["seed"] == 5
 
-    written = pd.read_csv(run_dir / "analysis" / "baselines.csv")
+    written = run_dir.read_baselines()
     assert written["index"].tolist() == list(range(6))
     np.testing.assert_allclose(written["test_dice"], df["test_dice"], rtol=1e-5)
     assert list(written.columns) == list(df.columns)
-    settings = json.loads((run_dir / "analysis" / "baselines.json").read_text())
+    settings = json.loads(run_dir.analysis.baselines_json.read_text())
     assert settings["epochs"] == 1 and settings["fold"] == df.attrs["fold"]
 
     again = run_baselines(run_dir, folds=3, epochs=1, seed=5, write=False)
@@ -120,8 +115,8 @@ def test_run_baselines_default_epochs_and_errors(run_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ model scores
-def test_model_scores(run_dir, tmp_path):
-    df = model_scores(run_dir)
+def test_model_scores(run_dir, model):
+    df = model_scores(run_dir, model)
     assert list(df.columns) == ["index", "case_id", *MODEL_SCORE_COLUMNS]
     assert df["index"].tolist() == list(range(6))
     for col in MODEL_SCORE_COLUMNS:
@@ -130,38 +125,34 @@ def test_model_scores(run_dir, tmp_path):
     assert df["own_vs_main_disagreement"].max() > 0
 
     # With every λ_n = 0 the own UNet *is* the main UNet.
-    idx, ids, values = read_latents_csv(run_dir / "latents.csv")
-    backup = (run_dir / "latents.csv").read_text()
+    idx, ids, values = run_dir.read_latents()
+    backup = run_dir.latents_csv.read_text()
     try:
-        write_latents_csv(run_dir / "latents.csv", idx, ids, np.zeros_like(values))
-        zero = model_scores(run_dir)
+        run_dir.write_latents(idx, ids, np.zeros_like(values))
+        zero = model_scores(run_dir, model)
         assert (zero["own_vs_main_disagreement"] == 0).all()
         np.testing.assert_allclose(zero["main_style_disagreement"], df["main_style_disagreement"])
-        write_latents_csv(run_dir / "latents.csv", idx[:4], ids[:4], values[:4])
+        run_dir.write_latents(idx[:4], ids[:4], values[:4])
         with pytest.raises(RunError, match="datalist has 6 cases"):
-            model_scores(run_dir)
+            model_scores(run_dir, model)
     finally:
-        (run_dir / "latents.csv").write_text(backup)
+        run_dir.latents_csv.write_text(backup)
 
 
-def test_latent_case_id_mismatch_only_warns(run_dir):
-    from hypersort_ray.analysis.model_scores import load_run_cases, read_run_latents
-
+def test_latent_case_id_mismatch_is_only_logged(run_dir, caplog):
     _, cases = load_run_cases(run_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        values = read_run_latents(run_dir, [type(c)(c.index, f"x{c.index}", c.image, c.label) for c in cases])
+    renamed = [type(c)(c.index, f"x{c.index}", c.image, c.label) for c in cases]
+    with caplog.at_level(logging.WARNING, logger="hypersort_ray.analysis.evaluation"):
+        values = read_run_latents(run_dir, renamed)
     assert values.shape == (6, 2)
-    assert any("differ from the run's datalist" in str(w.message) for w in caught)
+    assert "differ from the run's datalist" in caplog.text
 
 
-def test_predictor_hook_segments_in_the_label_grid(run_dir):
+def test_predictor_hook_segments_in_the_label_grid(run_dir, model):
     import nibabel as nib
 
-    from hypersort_ray.analysis.model_scores import load_run_cases, make_predictor
-
     _, cases = load_run_cases(run_dir)
-    predictor = make_predictor(run_dir)
+    predictor = make_predictor(run_dir, model)
     out = predictor("main", [0, 2])
     assert sorted(out) == [0, 2]
     for i, mask in out.items():

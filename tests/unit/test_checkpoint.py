@@ -13,8 +13,8 @@ import torch
 from hypersort_ray.config import ExperimentConfig
 from hypersort_ray.errors import ModelError, RunError
 from hypersort_ray.model.latents import LatentTable
-from hypersort_ray.train import checkpoint as ckpt_mod
-from hypersort_ray.train.checkpoint import (
+from hypersort_ray.runs import checkpoint as ckpt_mod
+from hypersort_ray.runs.checkpoint import (
     checkpoint_files_for_rank,
     latents_file,
     load_checkpoint,
@@ -22,7 +22,7 @@ from hypersort_ray.train.checkpoint import (
     save_checkpoint,
     write_checkpoint_part,
 )
-from hypersort_ray.train.latents_io import read_latents_csv, write_latents_csv
+from hypersort_ray.runs.tables import read_latents_csv, write_latents_csv
 
 N, DIM, WORLD = 7, 3, 2
 
@@ -118,9 +118,9 @@ def test_save_and_load_single_process(tmp_path):
     ck = load_checkpoint(path)
     assert ck.epoch == 3 and ck.meta["world_size"] == 2 and ck.extra is None
     assert _equal_states(ck.latents, LatentTable.merge(shards).state_dict())
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / ckpt_mod.META_FILE).read_text())
     assert meta["format"] == "hypersort-checkpoint" and meta["version"] == 1 and meta["latent_dim"] == DIM
-    assert not list(tmp_path.glob("ck.tmp-*")) and not list(tmp_path.glob("ck.old-*"))
+    assert not list(tmp_path.glob(".ck.tmp-*")) and not list(tmp_path.glob(".ck.old-*"))
 
 
 def _save(path: Path, epoch: int, shards=None) -> Path:
@@ -157,7 +157,7 @@ def test_crash_mid_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch
 
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert load_checkpoint(path).epoch == 1
-    assert not list(tmp_path.glob("ck.tmp-*"))  # the half-written folder was removed
+    assert not list(tmp_path.glob(".ck.tmp-*"))  # the half-written folder was removed
     assert load_checkpoint(_save(path, epoch=2)).epoch == 2  # and the next save replaces it
 
 
@@ -187,7 +187,7 @@ def test_interrupted_part_write_in_place_reads_as_incomplete(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
-    "name", ["hypernet.safetensors", "latents_rank1.safetensors", "hyper_optim.pt", "config.yaml"]
+    "name", [ckpt_mod.HYPERNET_FILE, "latents_rank1.safetensors", ckpt_mod.HYPER_OPTIM_FILE, ckpt_mod.CONFIG_FILE]
 )
 def test_corrupted_file_is_named(tmp_path, name):
     folder = tmp_path / "ck"
@@ -228,7 +228,7 @@ def test_missing_meta_and_missing_listed_file(tmp_path):
     (folder / "hyper_optim.pt").unlink()
     with pytest.raises(RunError, match=r"hyper_optim\.pt: missing"):
         load_checkpoint(folder)
-    (folder / "meta.json").unlink()
+    (folder / ckpt_mod.META_FILE).unlink()
     with pytest.raises(RunError, match=r"meta\.json: missing"):
         load_checkpoint(folder)
     with pytest.raises(RunError, match="not found"):
@@ -238,11 +238,11 @@ def test_missing_meta_and_missing_listed_file(tmp_path):
 def test_unknown_format_or_version(tmp_path):
     folder = tmp_path / "ck"
     _write_two_ranks(folder, _shards())
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    meta = json.loads((folder / ckpt_mod.META_FILE).read_text())
+    (folder / ckpt_mod.META_FILE).write_text(json.dumps({**meta, "version": 2}))
     with pytest.raises(RunError, match=r"meta\.json: checkpoint format version 2 is not supported"):
         load_checkpoint(folder)
-    (folder / "meta.json").write_text(json.dumps({**meta, "format": "something-else"}))
+    (folder / ckpt_mod.META_FILE).write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(RunError, match="unknown checkpoint format"):
         load_checkpoint(folder)
 
@@ -322,7 +322,7 @@ def test_unsafe_objects_are_refused_at_write_time(tmp_path):
             meta={"epoch": 0, "global_step": 0, "world_size": 1, "case_ids": CASE_IDS},
             extra={"history": [{"loss": np.float64(0.5)}]},
         )
-    assert not (tmp_path / "ck" / "meta.json").exists()
+    assert not (tmp_path / "ck" / ckpt_mod.META_FILE).exists()
 
 
 def test_save_refuses_to_replace_a_foreign_folder(tmp_path):
@@ -335,15 +335,15 @@ def test_save_refuses_to_replace_a_foreign_folder(tmp_path):
 
 def test_interrupted_swap_points_to_the_previous_checkpoint(tmp_path):
     path = _save(tmp_path / "ck", epoch=1)
-    path.rename(tmp_path / "ck.old-abcd1234")  # what a crash between the two renames leaves
-    with pytest.raises(RunError, match=r"previous complete checkpoint is .*ck\.old-abcd1234"):
+    path.rename(tmp_path / ".ck.old-abcd1234")  # what a crash between the two renames leaves
+    with pytest.raises(RunError, match=r"previous complete checkpoint is .*\.ck\.old-abcd1234"):
         load_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------- latents.csv
 def test_latents_csv_round_trip(tmp_path):
     table = _shards()[0]
-    path = tmp_path / "run" / "latents.csv"
+    path = tmp_path / "run" / "table.csv"
     idx = torch.tensor(table.indices[::-1])
     write_latents_csv(path, idx, [f"id,{i}" for i in idx.tolist()], table.values(idx))
     lines = path.read_text().splitlines()
@@ -372,15 +372,15 @@ def test_latents_csv_round_trip(tmp_path):
     ],
 )
 def test_bad_latents_csv_is_named_with_line(tmp_path, text, message):
-    path = tmp_path / "latents.csv"
+    path = tmp_path / "table.csv"
     path.write_text(text)
-    with pytest.raises(RunError, match=rf"latents\.csv{message}"):
+    with pytest.raises(RunError, match=rf"table\.csv{message}"):
         read_latents_csv(path)
 
 
 def test_missing_latents_csv(tmp_path):
     with pytest.raises(RunError, match="latents file not found"):
-        read_latents_csv(tmp_path / "latents.csv")
+        read_latents_csv(tmp_path / "table.csv")
 
 
 def test_invalid_config_is_reported_against_the_checkpoint_file(tmp_path):
@@ -388,11 +388,11 @@ def test_invalid_config_is_reported_against_the_checkpoint_file(tmp_path):
 
     folder = tmp_path / "ck"
     _write_two_ranks(folder, _shards())
-    text = (folder / "config.yaml").read_text().replace("training:\n", "training:\n  epohcs: 3\n", 1)
-    (folder / "config.yaml").write_text(text)
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["files"]["config.yaml"] = hashlib.sha256(text.encode()).hexdigest()
-    (folder / "meta.json").write_text(json.dumps(meta))
+    text = (folder / ckpt_mod.CONFIG_FILE).read_text().replace("training:\n", "training:\n  epohcs: 3\n", 1)
+    (folder / ckpt_mod.CONFIG_FILE).write_text(text)
+    meta = json.loads((folder / ckpt_mod.META_FILE).read_text())
+    meta["files"][ckpt_mod.CONFIG_FILE] = hashlib.sha256(text.encode()).hexdigest()
+    (folder / ckpt_mod.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(
         RunError, match=r"config\.yaml: the checkpoint's config is not valid(.|\n)*training\.epohcs"
     ):

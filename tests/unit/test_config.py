@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from hypersort_ray.config import (
+    SHIPPED_CONFIGS,
     ExperimentConfig,
     SweepConfig,
     apply_overrides,
@@ -15,6 +16,7 @@ from hypersort_ray.config import (
     load_config,
     load_serve_settings,
     load_sweep_config,
+    resolve_config_path,
 )
 from hypersort_ray.errors import ConfigError
 
@@ -37,9 +39,10 @@ ModelConfig:
 """
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_validates(name):
-    path = ROOT / "configs" / name
+    path = resolve_config_path(Path(name).stem)
+    assert path == SHIPPED_CONFIGS / name and (ROOT / "configs" / name).read_bytes() == path.read_bytes()
     data = yaml.safe_load(path.read_text())
     if name.startswith("sweep"):
         load_sweep_config(path)
@@ -170,3 +173,22 @@ def test_configuration_reference_is_current():
     assert (ROOT / "docs" / "configuration.md").read_text() == render(), (
         "docs/configuration.md is stale: python -m hypersort_ray.config_docs > docs/configuration.md"
     )
+
+
+@pytest.mark.parametrize("name", ["/data/exp #3", "null", "yes", "2024-01-01", "a: b", "[x]"])
+def test_path_values_are_never_parsed_as_yaml(name):
+    """Path flags reach the config as the typed path given: no YAML comment, null, bool or date."""
+    cfg = load_config(None, ["training.epochs=3"], {"output_dir": Path(name), "data.datalist": Path(name)})
+    assert cfg.output_dir == Path(name) and cfg.data.datalist == Path(name)
+    sweep = load_sweep_config(None, [], {"base.output_dir": Path(name)})
+    assert sweep.base.output_dir == Path(name)
+
+
+def test_config_by_name_or_path(tmp_path):
+    assert resolve_config_path(None) is None
+    assert resolve_config_path("paper_amos") == SHIPPED_CONFIGS / "paper_amos.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("training: {epochs: 2}\n")
+    assert resolve_config_path(own) == own
+    with pytest.raises(ConfigError, match="not found.*shipped config: .*paper_amos"):
+        resolve_config_path("no_such_config")

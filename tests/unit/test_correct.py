@@ -1,4 +1,5 @@
-"""``hypersort correct`` (analysis/correct.py) on a tiny random run: geometry, CSV, selection, safety.
+"""``hypersort correct`` (``hypersort_ray.analysis.correct``) on a tiny random run: geometry, CSV,
+selection, provenance, safety.
 
 The model is random (tests/helpers_model.py), so corrections are meaningless; the tests check where
 and how they are written, and that input labels can never be overwritten.
@@ -16,15 +17,22 @@ import numpy as np
 import pytest
 from helpers_model import make_tiny_run
 
-from hypersort_ray.analysis.correct import CORRECTIONS_COLUMNS, _corrected_label, correct_cases, select_cases
+from hypersort_ray.analysis.correct import (
+    CORRECTIONS_COLUMNS,
+    CORRECTIONS_CSV,
+    _corrected_label,
+    correct_cases,
+    select_cases,
+)
+from hypersort_ray.analysis.run import analyze_run
 from hypersort_ray.config import LabelConfig
 from hypersort_ray.data.datalist import load_datalist
-from hypersort_ray.errors import DataError, ModelError, RunError
+from hypersort_ray.errors import DataError, ModelError, ProvenanceError, RunError
+from hypersort_ray.inference import load_model
+from hypersort_ray.runs import RunDir
+from hypersort_ray.runs.checkpoint import save_checkpoint
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:transform info of:UserWarning"),
-    pytest.mark.filterwarnings("ignore:.*case id.*differ:UserWarning"),
-]
+pytestmark = [pytest.mark.filterwarnings("ignore:transform info of:UserWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +56,21 @@ def cases(run_dir):
     return load_datalist(run_dir / "data" / "datalist.tsv")
 
 
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load_model(run_dir)
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_correct_writes_labels_in_the_given_label_geometry(run_dir, cases, tmp_path):
+def test_correct_writes_labels_in_the_given_label_geometry(run_dir, model, cases, tmp_path):
     chosen = [cases[1], cases[3]]
     before = _digest(run_dir / "data" / "labels")
     out = tmp_path / "corrected"
-    summary = correct_cases(run_dir, cases=",".join(c.case_id for c in chosen), style="main", out_dir=out)
+    ids = ",".join(c.case_id for c in chosen)
+    summary = correct_cases(run_dir, model, cases=ids, style="main", out_dir=out)
 
     assert summary["cases"] == 2 and summary["style"] == "main" and summary["latent"] == [0.0, 0.0]
     assert summary["case_ids"] == [c.case_id for c in chosen]
@@ -71,7 +85,8 @@ def test_correct_writes_labels_in_the_given_label_geometry(run_dir, cases, tmp_p
     # The int16 label with value 7 keeps its value for foreground.
     assert set(np.unique(np.asarray(nib.load(str(out / f"{cases[1].case_id}.nii.gz")).dataobj))) <= {0, 7}
 
-    with open(out / "corrections.csv", newline="") as fh:
+    assert summary["corrections_csv"] == str(out / CORRECTIONS_CSV)
+    with open(out / CORRECTIONS_CSV, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert tuple(reader.fieldnames) == CORRECTIONS_COLUMNS
@@ -87,48 +102,71 @@ def test_correct_writes_labels_in_the_given_label_geometry(run_dir, cases, tmp_p
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_correct_refuses_to_write_into_the_labels_folder(run_dir, cases):
+def test_correct_refuses_to_write_into_the_labels_folder(run_dir, model, cases):
     labels = run_dir / "data" / "labels"
     before = _digest(labels)
     ids = cases[1].case_id
     for out in (labels, run_dir / "data", labels / ".." / "labels"):
         with pytest.raises(DataError, match="labels folder"):
-            correct_cases(run_dir, cases=ids, out_dir=out)
+            correct_cases(run_dir, model, cases=ids, out_dir=out)
     # An images folder whose files are named <case_id>.nii.gz would be overwritten too.
     with pytest.raises(DataError, match="overwrite an input file"):
-        correct_cases(run_dir, cases=ids, out_dir=run_dir / "data" / "images")
+        correct_cases(run_dir, model, cases=ids, out_dir=run_dir / "data" / "images")
     assert _digest(labels) == before
 
 
-def test_top_k_needs_the_analysis(run_dir, cases, tmp_path):
+def test_top_k_needs_the_analysis(run_dir, model, cases, tmp_path):
     with pytest.raises(RunError, match="hypersort analyze"):
-        correct_cases(run_dir, cases="top:2", out_dir=tmp_path / "out")
+        correct_cases(run_dir, model, cases="top:2", out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-    suspicion = run_dir / "analysis" / "suspicion.csv"
-    order = [3, 0, 2, 1]
-    lines = ["index,case_id,latent_norm,mean_distance,outlier_score,style"]
-    lines += [f"{i},{cases[i].case_id},{1.0 - 0.1 * r},0.5,0.1,main" for r, i in enumerate(order)]
-    suspicion.write_text("\n".join(lines) + "\n")
-    try:
-        assert [c.index for c in select_cases(run_dir, "top:2", cases)] == [3, 0]
-        assert [c.index for c in select_cases(run_dir, "top:10", cases)] == order
-        with pytest.raises(DataError, match="positive integer"):
-            select_cases(run_dir, "top:0", cases)
-    finally:
-        suspicion.unlink()
+    analyze_run(run_dir)
+    ranking = [index for index, _ in RunDir(run_dir).read_suspicion()]
+    assert sorted(ranking) == [0, 1, 2, 3]
+    assert [c.index for c in select_cases(run_dir, "top:2", cases)] == ranking[:2]
+    assert [c.index for c in select_cases(run_dir, "top:10", cases)] == ranking
+    with pytest.raises(DataError, match="positive integer"):
+        select_cases(run_dir, "top:0", cases)
 
 
-def test_unknown_case_ids_and_styles_are_errors(run_dir, cases, tmp_path):
+def test_top_k_of_an_older_checkpoint_is_refused(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path, n_cases=4))
+    cases = load_datalist(run.path / "data" / "datalist.tsv")
+    analyze_run(run)
+    assert len(select_cases(run, "top:2", cases)) == 2
+    before = load_model(run.checkpoint_dir)
+    ckpt = run.load_checkpoint()
+    save_checkpoint(  # the run is resumed: its ranking describes the old latents
+        run.checkpoint_dir,
+        latent_state=ckpt.latents,
+        hyper_state=ckpt.hyper_state,
+        config=ckpt.config,
+        epoch=2,
+        global_step=2,
+        case_ids=ckpt.case_ids,
+    )
+    with pytest.raises(ProvenanceError, match="re-run `hypersort analyze"):
+        select_cases(run, "top:2", cases)
+    with pytest.raises(ProvenanceError, match="re-run `hypersort analyze"):
+        correct_cases(run, load_model(run.checkpoint_dir), cases="top:2", out_dir=tmp_path / "out")
+    with pytest.raises(ProvenanceError):  # loading the run's model refuses its saved styles as well
+        load_model(run.path)
+    # A model loaded before the resume is refused, before any label is written.
+    with pytest.raises(ProvenanceError, match="load the model from"):
+        correct_cases(run, before, cases=cases[0].case_id, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_case_ids_and_styles_are_errors(run_dir, model, cases, tmp_path):
     with pytest.raises(DataError, match="2 unknown case id.*nope, missing"):
-        correct_cases(run_dir, cases=f"{cases[0].case_id},nope,missing", out_dir=tmp_path / "a")
+        correct_cases(run_dir, model, cases=f"{cases[0].case_id},nope,missing", out_dir=tmp_path / "a")
     with pytest.raises(DataError, match="top:K or a comma-separated"):
-        correct_cases(run_dir, cases=" , ", out_dir=tmp_path / "a")
+        correct_cases(run_dir, model, cases=" , ", out_dir=tmp_path / "a")
     with pytest.raises(ModelError, match="unknown style"):
-        correct_cases(run_dir, cases=cases[0].case_id, style="42", out_dir=tmp_path / "b")
+        correct_cases(run_dir, model, cases=cases[0].case_id, style="42", out_dir=tmp_path / "b")
     assert not (tmp_path / "b").exists()
     with pytest.raises(RunError, match="not found"):
-        correct_cases(tmp_path / "no-run", cases="x", out_dir=tmp_path / "c")
+        correct_cases(tmp_path / "no-run", model, cases="x", out_dir=tmp_path / "c")
 
 
 def test_other_structures_and_label_values_are_kept():

@@ -15,16 +15,11 @@ import numpy as np
 import pytest
 from helpers_model import make_tiny_run, tiny_image
 
-from hypersort_ray.errors import ModelError
-from hypersort_ray.inference import (
-    MODEL_FILES,
-    HyperSortModel,
-    Style,
-    load_model,
-    parse_latent,
-    predict_cli,
-    write_model_dir,
-)
+from hypersort_ray.errors import ModelError, ProvenanceError
+from hypersort_ray.inference import HyperSortModel, Style, load_model, parse_latent, predict_cli
+from hypersort_ray.runs import RunDir
+from hypersort_ray.runs.layout import STYLES_FILE
+from hypersort_ray.runs.model_dir import MODEL_FORMAT, read_model_files, write_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:transform info of:UserWarning")
 
@@ -261,16 +256,34 @@ def test_model_not_found(tmp_path, monkeypatch):
         load_model(tmp_path / "empty")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="set MLFLOW_TRACKING_URI"):
+    with pytest.raises(ModelError, match="MLFLOW_TRACKING_URI"):
         load_model("models:/nope@champion")
     assert not (tmp_path / "mlflow.db").exists(), "no empty store may be created as a side effect"
 
 
 def test_corrupt_weights_are_refused(run_dir, tmp_path):
     folder = write_model_dir(run_dir, tmp_path / "model")
-    weights = folder / "hypernet.safetensors"
+    weights = Path(read_model_files(folder).where)
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ModelError, match="checksum"):
+        load_model(folder)
+
+
+def test_styles_of_another_checkpoint_are_refused(tmp_path):
+    """Styles fitted on one checkpoint's latents never pair silently with another hyper-network."""
+    first = RunDir(make_tiny_run(tmp_path, name="first", seed=1))
+    second = RunDir(make_tiny_run(tmp_path, name="second", seed=2))
+    second.analysis.styles_json.write_bytes(first.analysis.styles_json.read_bytes())
+    with pytest.raises(ProvenanceError, match="re-run `hypersort analyze"):
+        load_model(second.path)
+    with pytest.raises(ProvenanceError):
+        write_model_dir(second.path, tmp_path / "model")
+    folder = write_model_dir(first.path, tmp_path / "model_first")
+    styles = folder / STYLES_FILE
+    doc = json.loads(styles.read_text())
+    doc["checkpoint_sha256"] = second.checkpoint_sha256()
+    styles.write_text(json.dumps(doc))
+    with pytest.raises(ModelError):  # the model folder's manifest no longer vouches for the file
         load_model(folder)
 
 
@@ -282,13 +295,14 @@ def test_parse_latent():
 # ------------------------------------------------------------------------------------- model folder
 def test_model_dir_round_trip(run_dir, model, tmp_path):
     folder = write_model_dir(run_dir, tmp_path / "model")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
-    doc = json.loads((folder / "model.json").read_text())
-    assert doc["format"] == "hypersort-model" and doc["latent_dim"] == 2
-    assert doc["preprocessing"]["roi_size"] == [16, 16, 16]
-    styles = json.loads((folder / "styles.json").read_text())
-    assert "members" not in json.dumps(styles) and "case_" not in json.dumps(styles), "no case ids in a model"
-    assert str(run_dir) not in (folder / "config.yaml").read_text(), "no training-machine paths"
+    files = read_model_files(folder)
+    assert files.info["checkpoint_sha256"] == RunDir(run_dir).checkpoint_sha256()
+    assert files.config.model.hypernet.latent_dim == 2 and files.config.preprocessing.roi_size == [16, 16, 16]
+    assert files.styles is not None and files.styles["checkpoint_sha256"] == files.info["checkpoint_sha256"]
+    assert "members" not in json.dumps(files.styles) and "case_" not in json.dumps(files.styles), "no case ids"
+    everything = "".join(p.read_text(errors="ignore") for p in folder.iterdir())
+    assert str(run_dir) not in everything, "no training-machine paths in a model folder"
+    assert MODEL_FORMAT in everything
     loaded = load_model(folder)
     assert [s.to_dict() for s in loaded.styles] == [s.to_dict() for s in model.styles]
     image = tiny_image(run_dir)
@@ -402,14 +416,14 @@ def test_2d_model_arrays_and_single_slice_nifti(tmp_path):
     from hypersort_ray.model.hypernet import HyperNetwork
     from hypersort_ray.model.latents import LatentTable
     from hypersort_ray.model.unet import build_primary
-    from hypersort_ray.train.checkpoint import save_checkpoint
+    from hypersort_ray.runs.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["preprocessing.roi_size=[16,16]", "preprocessing.spacing=[2.0,2.0]",
                              "model.unet.spatial_dims=2", "model.unet.channels=4", "model.unet.n_down=1",
                              "model.unet.n_fix=1", "model.hypernet.hidden=[8]"])
     torch.manual_seed(0)
     hyper = HyperNetwork(build_primary(cfg.model.unet), 2, [8], 5.0)
-    save_checkpoint(tmp_path / "run2d" / "checkpoint", latent_state=LatentTable(range(2), 2),
+    save_checkpoint(RunDir(tmp_path / "run2d").checkpoint_dir, latent_state=LatentTable(range(2), 2),
                     hyper_state=hyper.state_dict(), config=cfg, epoch=1, global_step=1, case_ids=["a", "b"])
     m = load_model(tmp_path / "run2d")
     image = _phantom((20, 22, 1))[..., 0]

@@ -13,9 +13,9 @@ from helpers_model import TINY_NETWORK
 from hypersort_ray.config import load_config
 from hypersort_ray.data.datalist import load_datalist
 from hypersort_ray.data.synthetic import generate_dataset
-from hypersort_ray.errors import RunError
-from hypersort_ray.train.checkpoint import load_checkpoint
-from hypersort_ray.train.latents_io import read_sample_losses_csv, write_sample_losses_csv
+from hypersort_ray.errors import ConfigError, RunError
+from hypersort_ray.runs.checkpoint import load_checkpoint
+from hypersort_ray.runs.tables import read_sample_losses_csv, write_sample_losses_csv
 from hypersort_ray.train.loop import SampleLosses, WorkerContext, train_worker
 
 TINY = [*TINY_NETWORK, "training.batch_size=2", "tracking.enabled=false"]
@@ -60,10 +60,13 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
+def _config(tiny: Path, out: Path, *extra: str):
+    return load_config(None, [*TINY, *extra], {"data.datalist": tiny / "datalist.tsv", "output_dir": out})
+
+
 def test_loop_records_every_samples_own_loss_and_resumes_it(tiny, tmp_path):
     cases = load_datalist(tiny / "datalist.tsv")
-    cfg = load_config(None, [f"data.datalist={tiny / 'datalist.tsv'}", f"output_dir={tmp_path}", *TINY,
-                             "training.epochs=2", "training.checkpoint_every=1"])
+    cfg = _config(tiny, tmp_path, "training.epochs=2", "training.checkpoint_every=1")
     parts: list[Path] = []
     seen: list[dict] = []
 
@@ -96,3 +99,23 @@ def _check_loop(cfg, cases, report, seen, parts):
     resumed = train_worker(more, cases, WorkerContext(report=report, resume_from=parts[-1]))
     assert SampleLosses(len(cases), resumed.sample_losses).count.tolist() == [3] * len(cases)
     assert not math.isnan(resumed.sample_losses["sum"][0])
+    # A resume continues only on the run's own datalist, and only with more epochs to train.
+    with pytest.raises(RunError, match="sample identity is the datalist index"):
+        train_worker(more, cases[:-1], WorkerContext(resume_from=parts[-1]))
+    with pytest.raises(ConfigError, match="already trained 3 epochs"):
+        train_worker(cfg, cases, WorkerContext(resume_from=parts[-1]))
+
+
+def test_loader_workers_prepare_the_same_batches(tiny, tmp_path):
+    """Batches prepared ahead by DataLoader processes train exactly like batches made in the loop,
+    random augmentation included (its seed depends on the step, not on the process)."""
+    cases = load_datalist(tiny / "datalist.tsv")
+    augment = ["preprocessing.augment.enabled=true", "preprocessing.augment.flip_prob=0.5",
+               "preprocessing.augment.noise_std=0.05", "data.cache=none"]
+    results = [
+        train_worker(_config(tiny, tmp_path / str(w), "training.epochs=2", f"data.loader_workers={w}", *augment), cases)
+        for w in (0, 2)
+    ]
+    for a, b in zip(results[0].history, results[1].history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    np.testing.assert_allclose(results[0].latent_state["values"], results[1].latent_state["values"], rtol=1e-6)

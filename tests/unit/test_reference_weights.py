@@ -16,7 +16,7 @@ from torch.func import functional_call
 from hypersort_ray.errors import ModelError
 from hypersort_ray.model.functional import batched_forward
 from hypersort_ray.model.hypernet import HyperNetwork
-from hypersort_ray.model.reference import (
+from hypersort_ray.model.reference_weights import (
     convert_reference_latents,
     convert_reference_state_dict,
     reference_head_name,
@@ -139,9 +139,10 @@ def test_convert_reference_latents():
 
 def test_import_reference_run_gives_a_loadable_run_folder(tmp_path, setup):
     """`hypersort import-reference`: reference files on disk -> run folder -> same UNet output."""
+    from hypersort_ray.errors import RunExistsError
     from hypersort_ray.inference import load_model
-    from hypersort_ray.reference import import_reference_run
-    from hypersort_ray.train.latents_io import read_latents_csv
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.runs.reference_import import import_reference_run
 
     unet, sd = setup
     torch.save(sd, tmp_path / "model_w.pt")
@@ -156,7 +157,7 @@ def test_import_reference_run_gives_a_loadable_run_folder(tmp_path, setup):
     result = import_reference_run(tmp_path / "model_w.pt", tmp_path / "latent_dict.pt", tmp_path / "REF.yaml",
                                   tmp_path / "run")
     assert result["num_samples"] == 3
-    idx, _, values = read_latents_csv(tmp_path / "run" / "latents.csv")
+    idx, _, values = RunDir(tmp_path / "run").read_latents()
     assert idx.tolist() == [0, 1, 2]
     torch.testing.assert_close(torch.as_tensor(values, dtype=torch.float32), torch.cat([lat[i] for i in range(3)]))
     model = load_model(tmp_path / "run")
@@ -166,6 +167,9 @@ def test_import_reference_run_gives_a_loadable_run_folder(tmp_path, setup):
         ref = reference_forward(sd, unet, lat[1].reshape(-1), x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
+    with pytest.raises(RunExistsError, match="already holds a training run"):  # never over an existing run
+        import_reference_run(tmp_path / "model_w.pt", tmp_path / "latent_dict.pt", tmp_path / "REF.yaml",
+                             tmp_path / "run")
     torch.save({"not": "a latent dict"}, tmp_path / "bad.pt")
     with pytest.raises(ModelError):
         import_reference_run(tmp_path / "model_w.pt", tmp_path / "bad.pt", tmp_path / "REF.yaml", tmp_path / "run2")

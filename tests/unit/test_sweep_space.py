@@ -301,23 +301,6 @@ def test_trial_data_holds_out_cases_and_reindexes_truth(tmp_path):
     assert none == [] and same.data.datalist == cfg.base.data.datalist
 
 
-def test_dice_per_class():
-    import numpy as np
-
-    from hypersort_ray.tune.trial import dice_per_class
-
-    a = np.zeros((4, 4), dtype=int)
-    b = a.copy()
-    a[:2] = 1
-    b[:1] = 1
-    assert dice_per_class(a, b, 2) == pytest.approx(2 * 4 / (8 + 4))
-    assert dice_per_class(np.zeros((3, 3)), np.zeros((3, 3)), 2) == 1.0  # empty vs empty
-    three = np.array([[1, 2], [2, 0]])
-    assert dice_per_class(three, three, 3) == 1.0
-    with pytest.raises(ValueError):
-        dice_per_class(np.zeros((2, 2)), np.zeros((3, 3)), 2)
-
-
 class _FakeResult:
     def __init__(self, trial_id, metrics, error=None, history=None, config=None):
         import pandas as pd

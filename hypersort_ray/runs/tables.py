@@ -1,7 +1,8 @@
-"""The latent table as CSV: ``index,case_id,z0,...,z{d-1}``, one row per sample, sorted by index.
+"""The run folder's CSV tables: latents, per-sample training losses and per-epoch history.
 
-This is the human- and tool-facing copy of the latents (``RUN_DIR/latents.csv``); the checkpoint keeps
-the authoritative one. Floats are written so they read back to the very same value: the shortest
+File names and locations belong to :class:`hypersort_ray.runs.layout.RunDir`; this module only knows the
+formats. The latents CSV (``index,case_id,z0,...,z{d-1}``, one row per sample, sorted by index) is the
+human- and tool-facing copy of the latents; the checkpoint keeps the authoritative one. Floats are written so they read back to the very same value: the shortest
 round-trip text for the source precision (float32 values stay short, float64 keep all 17 digits).
 
 Example:
@@ -28,9 +29,10 @@ from hypersort_ray.atomic import atomic_write_text
 from hypersort_ray.errors import RunError
 
 __all__ = [
-    "SAMPLE_LOSSES_CSV",
+    "read_history_csv",
     "read_latents_csv",
     "read_sample_losses_csv",
+    "write_history_csv",
     "write_latents_csv",
     "write_sample_losses_csv",
 ]
@@ -176,8 +178,7 @@ def read_latents_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str
     return idx, [case_ids[i] for i in order], values
 
 
-#: ``RUN_DIR/sample_losses.csv``: each sample's own segmentation loss during training.
-SAMPLE_LOSSES_CSV = "sample_losses.csv"
+#: Columns of the per-sample training-loss table (each sample's own segmentation loss during training).
 SAMPLE_LOSS_COLUMNS = ("index", "case_id", "train_loss_mean", "train_loss_last", "epochs")
 
 
@@ -222,3 +223,33 @@ def read_sample_losses_csv(path: str | os.PathLike[str]) -> dict[int, float]:
         except (TypeError, ValueError):
             raise RunError(f"{path}, line {line}: bad index or train_loss_mean {row}") from None
     return out
+
+
+def write_history_csv(path: str | os.PathLike[str], history: Sequence[dict[str, Any]]) -> Path:
+    """Per-epoch metrics as CSV (union of keys, ``epoch`` first), written atomically."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(history))
+    if "epoch" in df:
+        df = df[["epoch"] + [c for c in df.columns if c != "epoch"]]
+    return atomic_write_text(Path(path), df.to_csv(index=False))
+
+
+def read_history_csv(path: str | os.PathLike[str]):
+    """The per-epoch history as a DataFrame.
+
+    Raises:
+        RunError: missing, unreadable or empty file (the message names it).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: not found")
+    try:
+        history = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if history.empty:
+        raise RunError(f"{path}: has no rows")
+    return history

@@ -45,14 +45,10 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +58,11 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from hypersort_ray.atomic import atomic_write_bytes
+from hypersort_ray.atomic import atomic_write_bytes, staged_dir
 from hypersort_ray.config import ExperimentConfig, config_to_yaml, load_config
 from hypersort_ray.errors import ConfigError, HypersortError, ModelError, RunError
 from hypersort_ray.model.latents import LatentTable
+from hypersort_ray.runs.files import VerifiedFiles, read_json_object, sha256_bytes
 
 __all__ = [
     "FORMAT",
@@ -83,6 +80,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
+    "checkpoint_id",
 ]
 
 FORMAT = "hypersort-checkpoint"
@@ -190,29 +188,10 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> str:
     """Write ``data`` atomically (a reader sees the old file or the complete new one); return its sha256."""
     atomic_write_bytes(path, data)
-    _fsync_dir(Path(path).parent)
-    return _sha256(data)
+    return sha256_bytes(data)
 
 
 def _safetensors_bytes(state: Mapping[str, Any], what: str) -> bytes:
@@ -324,67 +303,91 @@ def write_checkpoint_part(
     meta = dict(meta or {})
     state = _latent_state(latent_state)
     latent_dim = int(state["dim"])
-
+    # Serialise (and check) everything before touching the folder: a bad argument must not leave a
+    # half-rewritten checkpoint behind.
+    meta_doc = None
+    blobs: list[tuple[str, bytes]] = []
     if rank == 0:
         if hyper_state is None or config is None or not meta:
             raise ValueError("rank 0 writes the shared files: hyper_state, config and meta are required")
-        missing = [k for k in _REQUIRED_META if k not in meta]
-        if missing:
-            raise ValueError(f"meta lacks {missing}")
-        case_ids = [str(c) for c in meta["case_ids"]]
-        num_samples = int(meta.get("num_samples", len(case_ids)))
-        if num_samples != len(case_ids):
-            raise ValueError(f"meta: num_samples={num_samples} but {len(case_ids)} case_ids")
-        world_size = int(meta["world_size"])
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if "latent_dim" in meta and int(meta["latent_dim"]) != latent_dim:
-            raise ValueError(
-                f"meta: latent_dim={meta['latent_dim']} but the latent shard has dim {latent_dim}"
-            )
-        cfg_dim = getattr(getattr(getattr(config, "model", None), "hypernet", None), "latent_dim", None)
-        if cfg_dim is not None and int(cfg_dim) != latent_dim:
-            raise ValueError(
-                f"config: model.hypernet.latent_dim={cfg_dim} but the latent shard has dim {latent_dim}"
-            )
-        bad = [i for i in state["indices"].tolist() if i >= num_samples]
-        if bad:
-            raise ValueError(f"latent indices {bad[:10]} are >= num_samples {num_samples}")
-        # Serialise (and check) everything before touching the folder: a bad argument must not leave
-        # a half-rewritten checkpoint behind.
-        blobs: list[tuple[str, bytes]] = [
-            (CONFIG_FILE, config_to_yaml(config).encode()),
-            (HYPERNET_FILE, _safetensors_bytes(hyper_state, HYPERNET_FILE)),
-        ]
-        if optim_state is not None:
-            blobs.append((HYPER_OPTIM_FILE, _torch_bytes(dict(optim_state), HYPER_OPTIM_FILE)))
-        if extra is not None:
-            blobs.append((EXTRA_FILE, _torch_bytes(dict(extra), EXTRA_FILE)))
-        meta_doc = {
-            **{k: v for k, v in meta.items() if k not in _RESERVED_META},
-            "format": FORMAT,
-            "version": VERSION,
-            "epoch": int(meta["epoch"]),
-            "global_step": int(meta["global_step"]),
-            "latent_dim": latent_dim,
-            "num_samples": num_samples,
-            "world_size": world_size,
-            "case_ids": case_ids,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-        json.dumps(meta_doc)  # fail now, before writing, on a non-JSON value
+        meta_doc = _meta_document(meta, config, state)
+        blobs = _shared_blobs(config, hyper_state, optim_state, extra)
+        # A folder being rewritten in place reads as incomplete until meta.json is back.
         (dirpath / META_FILE).unlink(missing_ok=True)
-        _fsync_dir(dirpath)
-    else:
-        if "world_size" in meta and not rank < int(meta["world_size"]):
-            raise ValueError(f"rank {rank} is outside world_size {meta['world_size']}")
-        blobs = []
+    elif "world_size" in meta and not rank < int(meta["world_size"]):
+        raise ValueError(f"rank {rank} is outside world_size {meta['world_size']}")
 
     (dirpath / part_file(rank)).unlink(missing_ok=True)
     blobs.append((latents_file(rank), _safetensors_bytes(state, latents_file(rank))))
     files = {name: _atomic_write_bytes(dirpath / name, data) for name, data in blobs}
+    part_doc = _part_document(rank, files, state, meta, latent_dim)
+    files[part_file(rank)] = _atomic_write_bytes(dirpath / part_file(rank), _json_bytes(part_doc))
+    if meta_doc is not None:
+        meta_doc["files"] = dict(files)
+        _atomic_write_bytes(dirpath / META_FILE, _json_bytes(meta_doc))
+    return files
 
-    part_doc: dict[str, Any] = {
+
+def _meta_document(meta: Mapping[str, Any], config: ExperimentConfig, state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Rank 0's ``meta.json`` (without ``files``), checked against the config and its latent shard."""
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"meta lacks {missing}")
+    latent_dim = int(state["dim"])
+    case_ids = [str(c) for c in meta["case_ids"]]
+    num_samples = int(meta.get("num_samples", len(case_ids)))
+    if num_samples != len(case_ids):
+        raise ValueError(f"meta: num_samples={num_samples} but {len(case_ids)} case_ids")
+    world_size = int(meta["world_size"])
+    if world_size < 1:
+        raise ValueError(f"rank 0 is outside world_size {world_size}")
+    if "latent_dim" in meta and int(meta["latent_dim"]) != latent_dim:
+        raise ValueError(f"meta: latent_dim={meta['latent_dim']} but the latent shard has dim {latent_dim}")
+    cfg_dim = config.model.hypernet.latent_dim
+    if int(cfg_dim) != latent_dim:
+        raise ValueError(f"config: model.hypernet.latent_dim={cfg_dim} but the latent shard has dim {latent_dim}")
+    bad = [i for i in state["indices"].tolist() if i >= num_samples]
+    if bad:
+        raise ValueError(f"latent indices {bad[:10]} are >= num_samples {num_samples}")
+    doc = {
+        **{k: v for k, v in meta.items() if k not in _RESERVED_META},
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": int(meta["epoch"]),
+        "global_step": int(meta["global_step"]),
+        "latent_dim": latent_dim,
+        "num_samples": num_samples,
+        "world_size": world_size,
+        "case_ids": case_ids,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    json.dumps(doc)  # fail now, before writing, on a non-JSON value
+    return doc
+
+
+def _shared_blobs(
+    config: ExperimentConfig,
+    hyper_state: Mapping[str, Tensor],
+    optim_state: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+) -> list[tuple[str, bytes]]:
+    """The files only rank 0 writes, serialised (and checked) in memory."""
+    blobs = [
+        (CONFIG_FILE, config_to_yaml(config).encode()),
+        (HYPERNET_FILE, _safetensors_bytes(hyper_state, HYPERNET_FILE)),
+    ]
+    if optim_state is not None:
+        blobs.append((HYPER_OPTIM_FILE, _torch_bytes(dict(optim_state), HYPER_OPTIM_FILE)))
+    if extra is not None:
+        blobs.append((EXTRA_FILE, _torch_bytes(dict(extra), EXTRA_FILE)))
+    return blobs
+
+
+def _part_document(
+    rank: int, files: Mapping[str, str], state: Mapping[str, Tensor], meta: Mapping[str, Any], latent_dim: int
+) -> dict[str, Any]:
+    """``part_rank{r}.json``: the checksums of this rank's files, so rank 0 need not know them."""
+    doc: dict[str, Any] = {
         "format": PART_FORMAT,
         "version": VERSION,
         "rank": rank,
@@ -394,13 +397,8 @@ def write_checkpoint_part(
     }
     for key in ("epoch", "global_step", "world_size"):
         if key in meta:
-            part_doc[key] = int(meta[key])
-    files[part_file(rank)] = _atomic_write_bytes(dirpath / part_file(rank), _json_bytes(part_doc))
-
-    if rank == 0:
-        meta_doc["files"] = dict(files)
-        _atomic_write_bytes(dirpath / META_FILE, _json_bytes(meta_doc))
-    return files
+            doc[key] = int(meta[key])
+    return doc
 
 
 def save_checkpoint(
@@ -418,10 +416,10 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint from one process, atomically.
 
-    Everything goes to a sibling ``<name>.tmp-XXXX`` folder first; only when it is complete is it
-    renamed to ``dirpath``. An existing checkpoint at ``dirpath`` is moved aside, the new one moved in,
-    then the old one deleted, so a crash at any moment leaves a complete checkpoint on disk (in the rare
-    crash between the two renames it is ``<name>.old-XXXX``; :func:`load_checkpoint` points to it).
+    Everything goes to a sibling staging folder first and replaces ``dirpath`` only once complete and
+    loadable (:func:`hypersort_ray.atomic.staged_dir`), so a crash at any moment leaves a complete
+    checkpoint on disk (in the rare crash between the two renames it is ``.<name>.old-XXXX``;
+    :func:`load_checkpoint` points to it).
 
     Args:
         dirpath: the checkpoint folder.
@@ -456,16 +454,9 @@ def save_checkpoint(
             f"latent_state: the shards must hold each sample 0..{len(case_ids) - 1} exactly once "
             f"(one per case id); they hold {len(held)} rows for {len(case_ids)} case ids"
         )
-    dirpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{dirpath.name}.tmp-", dir=dirpath.parent))
-    try:
+    with staged_dir(dirpath) as tmp:
         for rank in range(len(shards) - 1, -1, -1):  # rank 0 last: its meta.json completes the folder
-            part_meta = {
-                **(meta or {}),
-                "epoch": epoch,
-                "global_step": global_step,
-                "world_size": len(shards),
-            }
+            part_meta = {**(meta or {}), "epoch": epoch, "global_step": global_step, "world_size": len(shards)}
             if rank == 0:
                 part_meta["case_ids"] = list(case_ids)
                 write_checkpoint_part(
@@ -480,20 +471,7 @@ def save_checkpoint(
                 )
             else:
                 write_checkpoint_part(tmp, rank=rank, latent_state=shards[rank], meta=part_meta)
-        # Prove the new folder loads before it replaces anything.
-        load_checkpoint(tmp)
-        if dirpath.exists():
-            old = dirpath.parent / f"{dirpath.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dirpath, old)
-            os.replace(tmp, dirpath)
-            _fsync_dir(dirpath.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dirpath)
-            _fsync_dir(dirpath.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        load_checkpoint(tmp)  # prove the new folder loads before it replaces anything
     return dirpath
 
 
@@ -524,49 +502,26 @@ def is_checkpoint(dirpath: str | os.PathLike[str]) -> bool:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    return read_json_object(path, what, RunError)
+
+
+def checkpoint_id(dirpath: str | os.PathLike[str]) -> str:
+    """The identity of a checkpoint: the sha256 of its ``meta.json``.
+
+    ``meta.json`` records the sha256 of every file of the checkpoint (and its epoch, step and creation
+    time), so this one digest changes whenever any of its content does. Derived artefacts (styles,
+    analysis, model folders, registered models) record it as their provenance.
+
+    Raises:
+        RunError: no complete checkpoint at ``dirpath``.
+    """
+    path = Path(dirpath) / META_FILE
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: {what} is not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: {what} must be a JSON object")
-    return data
-
-
-class _Verifier:
-    """Reads files of one checkpoint folder, checking each against its recorded sha256 first."""
-
-    def __init__(self, dirpath: Path) -> None:
-        self.dirpath = dirpath
-        self.expected: dict[str, str] = {}
-
-    def expect(self, files: Any, source: str) -> None:
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise RunError(f"{self.dirpath / source}: 'files' must map file names to sha256 strings")
-        for name, sha in files.items():
-            if name in self.expected and self.expected[name] != sha:
-                raise RunError(
-                    f"{self.dirpath / source}: records a different checksum for {name} than another manifest "
-                    "(the folder mixes files of two checkpoints)"
-                )
-            self.expected[name] = sha
-
-    def read(self, name: str) -> bytes:
-        path = self.dirpath / name
-        if name not in self.expected:
-            raise RunError(f"{path}: not listed in the checkpoint manifests; the folder is inconsistent")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise RunError(f"{path}: missing from the checkpoint (listed in its manifest)") from None
-        except OSError as exc:
-            raise RunError(f"{path}: cannot be read ({exc})") from exc
-        if _sha256(data) != self.expected[name]:
-            raise RunError(
-                f"{path}: checksum mismatch (file is corrupt or truncated: {len(data)} bytes, "
-                f"sha256 {_sha256(data)[:12]}..., expected {self.expected[name][:12]}...)"
-            )
-        return data
+        return sha256_bytes(path.read_bytes())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; {dirpath} is not a complete checkpoint") from None
+    except OSError as exc:
+        raise RunError(f"{path}: cannot be read ({exc})") from exc
 
 
 def _load_tensors(data: bytes, path: Path, map_location: Any) -> dict[str, Tensor]:
@@ -618,7 +573,7 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
 
 
 def _missing_dir_message(dirpath: Path) -> str:
-    leftovers = sorted(dirpath.parent.glob(f"{dirpath.name}.old-*")) if dirpath.parent.is_dir() else []
+    leftovers = sorted(dirpath.parent.glob(f".{dirpath.name}.old-*")) if dirpath.parent.is_dir() else []
     complete = [p for p in leftovers if is_checkpoint(p)]
     if complete:
         return (
@@ -659,7 +614,7 @@ def load_checkpoint(dirpath: str | os.PathLike[str], map_location: Any = "cpu") 
         )
     meta = _read_json(meta_path, "checkpoint metadata")
     _check_meta(meta, meta_path)
-    files = _Verifier(dirpath)
+    files = VerifiedFiles(dirpath)
     files.expect(meta.get("files"), META_FILE)
 
     files.read(CONFIG_FILE)  # checksum only; load_config reads the file itself
@@ -693,7 +648,7 @@ def load_checkpoint(dirpath: str | os.PathLike[str], map_location: Any = "cpu") 
     )
 
 
-def _load_latents(dirpath: Path, meta: dict[str, Any], files: _Verifier) -> dict[str, Tensor]:
+def _load_latents(dirpath: Path, meta: dict[str, Any], files: VerifiedFiles) -> dict[str, Tensor]:
     """Read every rank's shard, check it against meta.json, merge, and check coverage."""
     world, dim, n = meta["world_size"], meta["latent_dim"], meta["num_samples"]
     shards: list[dict[str, Tensor]] = []

@@ -1,6 +1,6 @@
-"""Interop with the public HyperSORT reference code (ImFusion): its YAML configs and trained weights.
+"""The public HyperSORT reference code's YAML configs, translated into ours.
 
-Config translation maps the reference keys onto :class:`hypersort_ray.config.ExperimentConfig`:
+(Its trained weights are imported by :mod:`hypersort_ray.runs.reference_import`.) Config translation maps the reference keys onto :class:`hypersort_ray.config.ExperimentConfig`:
 
 =====================================  ======================================================
 reference                              ours
@@ -132,62 +132,3 @@ def translate_reference_config(data: dict[str, Any], source: Path | None = None)
     if "spacing" in pre and "roi_size" in pre and len(pre["spacing"]) != len(pre["roi_size"]):
         pre["spacing"] = pre["spacing"][: len(pre["roi_size"])]
     return out
-
-
-def import_reference_run(
-    weights: Path, latents: Path, config: Path, out: Path, *, datalist: Path | None = None
-) -> dict[str, Any]:
-    """Convert a model trained with the public HyperSORT code into a run folder every command accepts.
-
-    The reference saves plain state dicts (``model_w.pt``) and a dict of index → ``[1, d]`` tensors
-    (``latent_dict.pt``); both load with ``torch.load(weights_only=True)``, nothing is unpickled.
-    """
-    import torch
-
-    from hypersort_ray.config import config_to_yaml, load_config
-    from hypersort_ray.errors import ModelError
-    from hypersort_ray.model.hypernet import HyperNetwork
-    from hypersort_ray.model.latents import LatentTable
-    from hypersort_ray.model.reference import convert_reference_latents, convert_reference_state_dict
-    from hypersort_ray.model.unet import build_primary
-    from hypersort_ray.train.checkpoint import save_checkpoint
-    from hypersort_ray.train.latents_io import write_latents_csv
-
-    out = Path(out).resolve()
-    extra = [f"output_dir={out}"] + ([f"data.datalist={Path(datalist).resolve()}"] if datalist else [])
-    cfg = load_config(config, extra)
-    loaded = {}
-    for what, path in (("weights", weights), ("latents", latents)):
-        if not Path(path).is_file():
-            raise ModelError(f"{path}: reference {what} file not found")
-        try:
-            loaded[what] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - corrupt file or a pickle we refuse to run
-            raise ModelError(f"{path}: cannot read reference {what} safely ({str(exc).splitlines()[0]})") from exc
-    hn = cfg.model.hypernet
-    primary = build_primary(cfg.model.unet)
-    hyper_state = convert_reference_state_dict(loaded["weights"], primary, hn.latent_dim, hn.hidden)
-    HyperNetwork(primary, hn.latent_dim, hn.hidden, hn.bound).load_state_dict(hyper_state)  # shape check
-    indices, values = convert_reference_latents(loaded["latents"])
-    if values.shape[1] != hn.latent_dim:
-        raise ModelError(f"{latents}: latents have {values.shape[1]} dims, the config's latent_dim is {hn.latent_dim}")
-    n = len(indices)
-    if indices.tolist() != list(range(n)):
-        raise ModelError(f"{latents}: sample indices must be 0..N-1 without gaps (got {n} indices up to {int(indices.max())})")
-    case_ids = [f"case_{i:04d}" for i in range(n)]
-    if cfg.data.datalist is not None and Path(cfg.data.datalist).exists():
-        from hypersort_ray.data.datalist import load_datalist
-
-        cases = load_datalist(cfg.data.datalist)
-        if len(cases) != n:
-            raise ModelError(f"{latents}: {n} latents but the datalist {cfg.data.datalist} has {len(cases)} cases")
-        case_ids = [c.case_id for c in cases]
-    table = LatentTable(list(range(n)), hn.latent_dim)
-    state = table.state_dict()
-    state["values"] = values.to(state["values"].dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-    save_checkpoint(out / "checkpoint", latent_state=state, hyper_state=hyper_state, config=cfg, epoch=0,
-                    global_step=0, case_ids=case_ids, meta={"imported_from": str(Path(weights).resolve())})
-    write_latents_csv(out / "latents.csv", list(range(n)), case_ids, values.numpy())
-    return {"run_dir": str(out), "num_samples": n, "latent_dim": hn.latent_dim, "checkpoint": str(out / "checkpoint")}
