@@ -21,18 +21,22 @@ from typing import Any
 
 from hypersort_ray.errors import ConfigError
 
-__all__ = ["RayHandle", "check_placeable", "connect"]
+__all__ = ["API_SERVER_ENV", "RayHandle", "check_placeable", "connect"]
 
 log = logging.getLogger(__name__)
 _QUIET = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 class RayHandle:
     """What :func:`connect` did: ``started`` a private instance (ours to shut down) or joined one."""
 
-    def __init__(self, started: bool, address: str | None) -> None:
+    def __init__(self, started: bool, address: str | None, saved_env: dict[str, str | None] | None = None) -> None:
         self.started = started
         self.address = address
+        self._saved_env = saved_env or {}
 
     def close(self) -> None:
         """Shut a private instance down; leave a joined cluster running (only this driver disconnects)."""
@@ -40,6 +44,19 @@ class RayHandle:
 
         if ray.is_initialized():
             ray.shutdown()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def connect(
@@ -47,7 +64,6 @@ def connect(
     *,
     num_cpus: float | None = None,
     resources: Mapping[str, float] | None = None,
-    dashboard_port: int | None = None,
     runtime_env: Mapping[str, Any] | None = None,
 ) -> RayHandle:
     """Join the cluster named by ``address``/``RAY_ADDRESS``, or start a private local instance.
@@ -56,7 +72,6 @@ def connect(
         address: ``auto``, ``HOST:PORT``, ``ray://HOST:PORT``; None: ``RAY_ADDRESS``, else private.
         num_cpus: CPUs of a private instance (default: this machine's, at least this many).
         resources: custom resources of a private instance (e.g. Tune's trial slots).
-        dashboard_port: the private instance's dashboard port on 127.0.0.1 (default Ray's).
         runtime_env: passed to ``ray.init`` in both cases (e.g. environment variables for workers).
 
     Returns:
@@ -72,22 +87,28 @@ def connect(
         log.info("joined the Ray cluster at %s", address)
         return RayHandle(started=False, address=address)
     cpus = max(os.cpu_count() or 1, int(num_cpus or 0))
-    kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1"}
-    if dashboard_port is not None:
-        kwargs["dashboard_port"] = dashboard_port
-    # The dashboard hosts the State API that Ray Train's placement-group cleaner polls; without it
-    # finished worker groups are not reclaimed. Loopback only.
+    # Ray Train's placement-group cleaner (a detached actor) finds the State API by auto-detecting the
+    # local Ray instance, which fails when several run on one host (CI runners, shared machines, a cluster
+    # next to us) and then leaks a finished run's placement group: tell the driver and every worker where
+    # ours is. The dashboard hosts that API; loopback only.
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}"
+    saved = {API_SERVER_ENV: os.environ.get(API_SERVER_ENV)}
+    os.environ[API_SERVER_ENV] = api
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**dict(env.get("env_vars") or {}), API_SERVER_ENV: api}
     ray.init(
         address="local",
         num_cpus=cpus,
         resources=dict(resources) if resources else None,
         include_dashboard=True,
-        runtime_env=dict(runtime_env) if runtime_env else None,
-        **kwargs,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env=env,
         **_QUIET,
     )
     log.info("started a private local Ray instance (%d CPUs)", cpus)
-    return RayHandle(started=True, address=None)
+    return RayHandle(started=True, address=None, saved_env=saved)
 
 
 def check_placeable(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, what: str) -> None:

@@ -11,4 +11,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip>=24" >/dev/null
-python -m pip install -q -c constraints.txt -e ".[dev,anatomy,baselines]"
+python -m pip install -q -c constraints.txt -e ".[dev,anatomy,baselines,onnx]"

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from hypersort_ray.atomic import atomic_save_nifti, atomic_write_text
 from hypersort_ray.errors import DataError
 
 __all__ = [
@@ -86,7 +87,7 @@ def prepare_out(out: Path, manifest: dict[str, Any]) -> None:
             )
     for sub in ("images", "labels", "labels_clean"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def save_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -96,4 +97,4 @@ def save_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))  # nibabel's gzip writer uses mtime 0: same args, same bytes
+    atomic_save_nifti(img, path)  # nibabel's gzip writer uses mtime 0: same args, same bytes

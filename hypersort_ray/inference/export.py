@@ -7,8 +7,10 @@ Neither needs, nor allows, unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,11 @@ def _resolve_export_style(model: HyperSortModel, style: str) -> tuple[tuple[floa
 
 
 def load_exported_unet(path: str | Path):
-    """Load a file written by ``hypersort export``: an ``nn.Module`` in eval mode.
+    """Load a file written by ``hypersort export`` (except ONNX, which onnxruntime reads): a module.
 
     ``state_dict`` exports (safetensors) are rebuilt as ``build_primary(UNetConfig(**metadata["unet"]))``
-    with ``strict=True``; TorchScript exports are loaded with ``torch.jit.load``. Neither unpickles.
+    with ``strict=True``; ``torch_export`` programs (``.pt2``) with ``torch.export.load``; TorchScript
+    exports with ``torch.jit.load``. None unpickles arbitrary objects.
     """
     import torch
     from safetensors import safe_open
@@ -56,6 +59,11 @@ def load_exported_unet(path: str | Path):
     except Exception:  # noqa: BLE001 - not safetensors: try TorchScript
         meta = None
     if meta is None:
+        if path.suffix == ".pt2":
+            try:
+                return torch.export.load(str(path)).module()
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign archive
+                raise ModelError(f"exported model {path}: not a torch.export program ({exc})") from exc
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -120,28 +128,40 @@ def export_cli(
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         atomic_write_via(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
     elif fmt == "torch_export":
-        atomic_write_via(out, lambda tmp: _save_torch_export(net, m, tmp, meta))
+        atomic_write_via(out, lambda tmp: _save_torch_export(net, m, tmp, meta), suffix=".pt2")
     else:
-        atomic_write_via(out, lambda tmp: _save_onnx(net, m, tmp))
+        atomic_write_via(out, lambda tmp: _save_onnx(net, m, tmp), suffix=".onnx")
     return {"out": str(out), "format": fmt, "style": used, "latent": list(values)}
 
 
 def _examples(m: HyperSortModel):
-    """Two small inputs of different batch and spatial sizes (multiples of the UNet's stride)."""
+    """Two small inputs of different batch and spatial sizes (multiples of the UNet's stride): one to
+    compile with, one to check the compiled network on."""
     import torch
 
     unet = m.config.model.unet
     factor = 2**unet.n_down if unet.kind == "hypersort_unet" else 16
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(1, m.in_channels, *[2 * factor] * m.spatial_dims, generator=gen)
-    other = torch.randn(2, m.in_channels, *[factor * k for k in (3, 2, 4)[: m.spatial_dims]], generator=gen)
+    # Batch 2 and unequal axes: torch.export would otherwise specialise a size-1 or shared dimension.
+    example = torch.randn(2, m.in_channels, *[factor * k for k in (2, 3, 4)[: m.spatial_dims]], generator=gen)
+    other = torch.randn(1, m.in_channels, *[factor * k for k in (3, 2, 4)[: m.spatial_dims]], generator=gen)
     return example, other, factor
 
 
-def _check_same(compiled_out: Any, eager_out: Any, what: str) -> None:
+def _check_same(compiled_out: Any, eager_out: Any, what: str, *, loose: bool = False) -> None:
+    """The exported network must reproduce the eager one: to float rounding for TorchScript and
+    torch.export; for ONNX (another runtime's kernels, e.g. its instance norm) to 1e-3 of the logits'
+    scale with the same class in at least 99.9 % of the voxels."""
     import torch
 
-    if not torch.allclose(torch.as_tensor(compiled_out), eager_out, atol=1e-4, rtol=1e-4):
+    got, want = torch.as_tensor(compiled_out).float(), eager_out.float()
+    if not loose:
+        same = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        scale = max(1.0, float(want.abs().max()))
+        agree = float((got.argmax(1) == want.argmax(1)).float().mean())
+        same = float((got - want).abs().max()) <= 1e-3 * scale and agree >= 0.999
+    if not same:
         raise ModelError(f"{what} export: the exported UNet does not reproduce the network")
 
 
@@ -171,14 +191,15 @@ def _save_onnx(net: Any, m: HyperSortModel, path: Path) -> None:
     example, other, _ = _examples(m)
     names = ["batch", *(f"s{i}" for i in range(m.spatial_dims))]
     axes = {0: names[0], **{i + 2: names[i + 1] for i in range(m.spatial_dims)}}
-    torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": axes, "logits": axes}, dynamo=True)
+    with contextlib.redirect_stdout(sys.stderr):  # the exporter reports its stages on stdout
+        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes}, dynamo=True)
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         with torch.no_grad():
-            _check_same(session.run(None, {"image": other.numpy()})[0], net(other), "ONNX")
+            _check_same(session.run(None, {"image": other.numpy()})[0], net(other), "ONNX", loose=True)
 
 
 def _save_torchscript(net: Any, m: HyperSortModel, path: Path, meta: dict[str, str]) -> None:

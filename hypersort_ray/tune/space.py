@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -39,7 +39,6 @@ __all__ = [
     "apply_sample",
     "build_param_space",
     "grid_size",
-    "sampled_keys",
     "split_validation",
     "trial_experiment",
     "validate_space",
@@ -74,10 +73,6 @@ def build_param_space(cfg: SweepConfig) -> dict[str, Any]:
     """
     validate_space(cfg)
     return {key: _tune_domain(key, dim, cfg.search) for key, dim in cfg.space.items()}
-
-
-def sampled_keys(cfg: SweepConfig) -> list[str]:
-    return list(cfg.space)
 
 
 def grid_size(cfg: SweepConfig) -> int:
@@ -201,6 +196,3 @@ def split_validation(n_cases: int, fraction: float) -> tuple[list[int], list[int
         raise ConfigError(f"data.validation_fraction = {fraction} leaves no training case of {n_cases}")
     return train, val
 
-
-def subset_rows(rows: Sequence[Any], indices: Sequence[int]) -> list[Any]:
-    return [rows[i] for i in indices]

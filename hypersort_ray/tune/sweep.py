@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 __all__ = ["SLOT_RESOURCE", "collect_rows", "effective_sweep", "leaked_train_actors", "run_sweep", "saved_trial_states"]
 
 SLOT_RESOURCE = "trial_slot"
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 HEAD_RESOURCE = "node:__internal_head__"  # ray._common.constants.HEAD_NODE_RESOURCE_NAME
 STATE_FILE = "sweep_state.json"
 PLOT_KEYS = ("model.hypernet.latent_dim", "training.l1_weight")
@@ -121,8 +120,7 @@ def _init_ray(address: str | None, cfg: SweepConfig) -> tuple[RayHandle, int | N
     """Start a private Ray for the sweep, or join a cluster. Returns (handle, trial slots or None).
 
     A private instance gets as many ``trial_slot`` resources as trials fit in the CPUs (a trial driver
-    holds a slot, never a CPU its own workers need) and the dashboard: Train's PlacementGroupCleaner polls
-    the State API, and without it the workers of a trial stopped early keep their placement group.
+    holds a slot, never a CPU its own workers need).
     """
     import ray
 
@@ -135,24 +133,9 @@ def _init_ray(address: str | None, cfg: SweepConfig) -> tuple[RayHandle, int | N
         if cfg.max_concurrent_trials > fits:
             log.warning("sweep: %s concurrent trials of %g CPUs do not fit in %s CPUs; running %s at a time",
                         cfg.max_concurrent_trials, _per_trial_cpus(cfg), cpus, slots)
-        # Train's placement-group cleaner (a detached actor) finds the State API by auto-detecting the
-        # local Ray instance, which fails when several run on one host (CI runners, shared machines) and
-        # then leaks a stopped trial's placement group: tell every worker where ours is.
-        port = _free_port()
-        api = f"http://127.0.0.1:{port}"
-        os.environ[API_SERVER_ENV] = api
-        handle = connect(None, num_cpus=cpus, resources={SLOT_RESOURCE: slots}, dashboard_port=port,
-                         runtime_env={"env_vars": {API_SERVER_ENV: api}})
+        handle = connect(None, num_cpus=cpus, resources={SLOT_RESOURCE: slots})
     slots = ray.cluster_resources().get(SLOT_RESOURCE)
     return handle, (int(slots) if slots else None)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def leaked_train_actors(wait_s: float = 30.0) -> list[str]:
@@ -437,7 +420,6 @@ def _parent_run(cfg: SweepConfig, sweep_dir: Path, state: dict[str, Any]) -> Run
 def _fit(cfg: SweepConfig, sweep_dir: Path, parent: RunLogger, address: str | None, resume: bool,
          data_info: dict[str, Any], hooks: dict[str, Any]):
     """Run the Tuner on a private or joined Ray; returns (result grid, leaked Train actors)."""
-    saved_api = os.environ.get(API_SERVER_ENV)
     handle = None
     try:
         handle, slots = _init_ray(address, cfg)
@@ -454,10 +436,6 @@ def _fit(cfg: SweepConfig, sweep_dir: Path, parent: RunLogger, address: str | No
     finally:
         if handle is not None and handle.started:
             handle.close()
-        if saved_api is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = saved_api
 
 
 def _best(df, cfg: SweepConfig) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ controller it owns dies with it and the workers with the controller; Train's det
 ``PlacementGroupCleaner`` then removes the workers' placement group. The cleaner polls the State API:
 a sweep therefore keeps the dashboard on and, for a local Ray, tells every worker its address
 (``RAY_API_SERVER_ADDRESS``), since the cleaner's auto-detection fails when several Ray instances share
-a host and the placement group then leaks (both seen here; see ``sweep._init_ray``).
+a host and the placement group then leaks (both seen here; see :func:`hypersort_ray.ray_cluster.connect`).
 
 What a trial leaves in ``SWEEP/trials/<trial_id>/`` is an ordinary run folder
 (:class:`~hypersort_ray.runs.RunDir`) plus ``data/`` (the trial's training sub-datalist and re-indexed

@@ -109,7 +109,7 @@ def test_gpu_request_on_a_cpu_cluster_fails_fast(cluster, data):
 
 def _sweep_args(data: Path, out: Path) -> list[str]:
     sets = [x for item in ["num_samples=1", "search=random", "scheduler=fifo", "metric=seg_loss",
-                           "max_concurrent_trials=1", "space={}", "base.training.epochs=1",
+                           "max_concurrent_trials=1", "space={\"training.l1_weight\": {\"type\": \"choice\", \"values\": [0.1]}}", "base.training.epochs=1",
                            "base.training.batch_size=3", "base.preprocessing.roi_size=[16,16,16]",
                            "base.model.unet.channels=4", "base.model.unet.n_down=1", "base.model.unet.n_fix=1",
                            "base.model.hypernet.hidden=[8,8]", "base.analysis.run_after_training=false"]

@@ -413,3 +413,24 @@ def test_export_torchscript_runs_in_a_fresh_process(registered, model, tmp_path,
         expected = model.unet_for(model.style("2").latent)(x).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
     assert isinstance(load_exported_unet(out), torch.jit.ScriptModule)
+
+
+def test_export_torch_export_and_onnx_reproduce_the_style(run_dir, model, tmp_path):
+    """torch.export (TorchScript's successor) and ONNX: dynamic batch and spatial size, same logits."""
+    import torch
+
+    x = torch.randn(3, 1, 24, 16, 32, generator=torch.Generator().manual_seed(2))  # not the ROI shape
+    with torch.no_grad():
+        expected = model.unet_for(model.style("2").latent)(x).numpy()
+    program = tmp_path / "unet.pt2"
+    assert export_cli(str(run_dir), style="2", out=program, fmt="torch_export")["format"] == "torch_export"
+    with torch.no_grad():
+        np.testing.assert_allclose(load_exported_unet(program)(x).numpy(), expected, atol=1e-5)
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "unet.onnx"
+    export_cli(str(run_dir), style="2", out=onnx_file, fmt="onnx")
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]  # onnxruntime's kernels: logits to 1e-3 of their scale
+    np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max())
+    assert (got.argmax(1) == expected.argmax(1)).mean() > 0.999
