@@ -15,6 +15,8 @@ Usage::
     python benchmarks/serve.py                                   # demo-size random model
     python benchmarks/serve.py --model runs/demo --json out.json --probe-batching
     python benchmarks/serve.py --sizes 64 --requests 10 --cache-sizes 32 0
+    # same run, current vs an older copy of the serve package (importable as old_serve):
+    PYTHONPATH=/tmp/old python benchmarks/serve.py --sizes 64 --cache-sizes 32 --baseline old_serve.app:build_application
 
 Numbers depend on what else runs on the machine: the JSON records the load average before and after.
 """
@@ -43,28 +45,33 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def make_random_model(root: Path, latent_dim: int = 2) -> Path:
     """A run folder with a randomly initialised demo-size model (the default config) and 3 styles."""
     import torch
-    from safetensors.torch import save_file
 
-    from hypersort_ray.config import config_to_yaml, load_config
+    from hypersort_ray.config import load_config
     from hypersort_ray.model.hypernet import HyperNetwork
+    from hypersort_ray.model.latents import LatentTable
     from hypersort_ray.model.unet import build_primary
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.runs.checkpoint import save_checkpoint
 
     cfg = load_config(None, [f"model.hypernet.latent_dim={latent_dim}"])
-    ckpt = root / "checkpoint"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "config.yaml").write_text(config_to_yaml(cfg))
+    run = RunDir(root)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg)
     torch.manual_seed(0)
     hn = cfg.model.hypernet
     hyper = HyperNetwork(build_primary(cfg.model.unet), hn.latent_dim, hn.hidden, hn.bound)
-    save_file({k: v.contiguous() for k, v in hyper.state_dict().items()}, str(ckpt / "hypernet.safetensors"))
+    case_ids = [f"case_{i:03d}" for i in range(4)]
+    save_checkpoint(
+        run.checkpoint_dir, latent_state=LatentTable(range(4), latent_dim, seed=0), hyper_state=hyper.state_dict(),
+        config=cfg, epoch=1, global_step=1, case_ids=case_ids,
+    )
     styles = [
         {"id": 0, "centroid": [0.0] * latent_dim, "size": 50},
         {"id": 1, "centroid": ([1.5, -1.0] + [0.0] * latent_dim)[:latent_dim], "size": 6, "name": "eroded-like"},
         {"id": 2, "centroid": ([-1.5, 1.0] + [0.0] * latent_dim)[:latent_dim], "size": 6, "name": "dilated-like"},
     ]
-    (root / "analysis").mkdir(exist_ok=True)
-    (root / "analysis" / "styles.json").write_text(json.dumps({"main_style": 0, "styles": styles}))
-    return root
+    run.write_styles({"main_style": 0, "styles": styles})
+    return run.path
 
 
 def volume_bytes(size: int, spacing: list[float] | None, seed: int = 0) -> bytes:
@@ -118,56 +125,66 @@ def send_requests(url: str, payload: bytes, styles: list[str], requests: int, co
 
 def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, Any]]:
     """One app per cache setting (one replica each), requests interleaved between them in rounds so that
-    both see the same background load; only one app is busy at a time."""
+    both see the same background load; only one app is busy at a time. With ``--baseline``, one more app per
+    cache setting built by that callable (e.g. an older copy of the serve package) joins the rounds."""
     import ray
     from ray import serve
 
     from hypersort_ray.config import ServeSettings
     from hypersort_ray.inference import load_model
-    from hypersort_ray.serve.app import build_application, http_options
+    from hypersort_ray.serve.app import build_application, http_options, proxy_environment
 
     model = load_model(model_ref, cache_size=0)
     spacing = model.config.preprocessing.spacing
     styles = [s.id for s in model.styles]
     payloads = {size: volume_bytes(size, spacing, seed=size) for size in args.sizes}
     port = _free_port()
+    # No token on a loopback benchmark; the proxy guard is on, as `hypersort serve` installs it.
     base = ServeSettings(model=model_ref, host="127.0.0.1", port=port, num_cpus=args.num_cpus,
-                         request_timeout_s=600, max_ongoing_requests=8, auth_token_env=None)
-    apps = {cache: f"/cache{cache}" for cache in args.cache_sizes}
+                         request_timeout_s=600, max_ongoing_requests=8, auth_token_env=None,
+                         insecure_no_auth=True)
+    builders = {"current": build_application}
+    if args.baseline:
+        builders["baseline"] = _import_callable(args.baseline)
+    apps = {(label, cache): f"/{label}-cache{cache}" for label in builders for cache in args.cache_sizes}
     rows = []
-    ray.init(num_cpus=int(args.num_cpus) * len(apps) + 1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    for key, value in proxy_environment(base).items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=int(args.num_cpus) * len(apps) + 1, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options=http_options(base))
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        for cache, prefix in apps.items():
+        for (label, cache), prefix in apps.items():
             settings = base.model_copy(update={"style_cache_size": cache})
-            serve.run(build_application(settings), name=f"bench-cache{cache}", route_prefix=prefix, blocking=False)
+            serve.run(builders[label](settings), name=f"bench-{label}-cache{cache}", route_prefix=prefix,
+                      blocking=False)
         print(f"{len(apps)} apps ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         for size in args.sizes:
             n = args.requests if size <= 64 else max(4, args.requests // 3)
-            acc = {cache: ([], [], 0, 0.0) for cache in apps}
+            acc = {key: ([], [], 0, 0.0) for key in apps}
             for prefix in apps.values():  # warm-up: one request per style
                 send_requests(url + prefix, payloads[size], styles, len(styles), 1)
             done = 0
             while done < n:
                 step = min(args.concurrency, n - done)
-                for cache, prefix in apps.items():
+                for key, prefix in apps.items():
                     lat, srv, err, wall = send_requests(url + prefix, payloads[size], styles, step, step, start=done)
-                    a = acc[cache]
-                    acc[cache] = (a[0] + lat, a[1] + srv, a[2] + err, a[3] + wall)
+                    a = acc[key]
+                    acc[key] = (a[0] + lat, a[1] + srv, a[2] + err, a[3] + wall)
                 done += step
-            for cache, (lat, srv, err, wall) in acc.items():
+            for (label, cache), (lat, srv, err, wall) in acc.items():
                 row = {
-                    "size": size, "style_cache_size": cache, "concurrency": args.concurrency, "requests": n,
+                    "app": label, "size": size, "style_cache_size": cache, "concurrency": args.concurrency,
+                    "requests": n,
                     "errors": err, "p50_ms": _percentile(lat, 50), "p95_ms": _percentile(lat, 95),
                     "p99_ms": _percentile(lat, 99), "mean_ms": statistics.fmean(lat), "requests_per_s": n / wall,
                     "server_inference_p50_ms": _percentile(srv, 50), "wall_s": wall,
                 }
                 rows.append(row)
-                print(f"[cache {cache}] {size}^3: p50 {row['p50_ms']:.0f} ms, {row['requests_per_s']:.2f} req/s",
-                      file=sys.stderr)
+                print(f"[{label} cache {cache}] {size}^3: p50 {row['p50_ms']:.0f} ms, "
+                      f"{row['requests_per_s']:.2f} req/s", file=sys.stderr)
     finally:
         try:
             serve.shutdown()
@@ -238,13 +255,36 @@ def probe_batching(model_ref: str, size: int, k: int, repeats: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------ main
+def _import_callable(path: str) -> Any:
+    """``package.module:function`` → the function (``--baseline``)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    if not name:
+        raise SystemExit(f"--baseline {path!r}: expected module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def baseline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """p50 of the current app over the baseline's, per volume size and cache setting (1.0 = no change)."""
+    by_key = {(r["app"], r["size"], r["style_cache_size"]): r for r in rows}
+    out = []
+    for (app, size, cache), row in by_key.items():
+        base = by_key.get(("baseline", size, cache))
+        if app == "current" and base:
+            out.append({"size": size, "style_cache_size": cache, "p50_ratio": row["p50_ms"] / base["p50_ms"],
+                        "mean_ratio": row["mean_ms"] / base["mean_ms"]})
+    return out
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'volume':>8} {'cache':>6} {'n':>4} {'err':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'server p50':>11}"
+    head = (f"{'app':>9} {'volume':>8} {'cache':>6} {'n':>4} {'err':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
+            f"{'req/s':>7} {'server p50':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{str(r['size']) + '^3':>8} {r['style_cache_size']:>6} {r['requests']:>4} {r['errors']:>4} "
+            f"{r['app']:>9} {str(r['size']) + '^3':>8} {r['style_cache_size']:>6} {r['requests']:>4} {r['errors']:>4} "
             f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['p99_ms']:>9.0f} {r['requests_per_s']:>7.2f} "
             f"{r['server_inference_p50_ms']:>11.0f}"
         )
@@ -259,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="Requests in flight from the client.")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the one replica.")
     p.add_argument("--probe-batching", action="store_true", help="Also measure what @serve.batch could gain.")
+    p.add_argument("--baseline", metavar="MODULE:FUNCTION",
+                   help="Also serve apps built by this callable (settings -> Serve app; e.g. an older copy of "
+                   "hypersort_ray.serve.app:build_application on PYTHONPATH) and report current/baseline p50.")
     p.add_argument("--no-serve", action="store_true", help="Skip the HTTP benchmark (probe only).")
     p.add_argument("--json", type=Path, help="Write the results here.")
     args = p.parse_args(argv)
@@ -276,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_serve:
             result["serving"] = bench_serving(args, model_ref)
             print_table(result["serving"])
+            result["baseline_ratios"] = baseline_ratios(result["serving"])
+            for ratio in result["baseline_ratios"]:
+                print(f"current / baseline at {ratio['size']}^3, cache {ratio['style_cache_size']}: "
+                      f"p50 {ratio['p50_ratio']:.3f}, mean {ratio['mean_ratio']:.3f}")
         result["unet_generation_ms"] = unet_generation_ms(model_ref)
         print(f"\ngenerating one UNet from H (what a cache hit saves): {result['unet_generation_ms']:.1f} ms")
         if args.probe_batching:

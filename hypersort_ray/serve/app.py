@@ -1,30 +1,32 @@
 """The segmentation endpoint: a Ray Serve deployment with a FastAPI ingress.
 
-Routes (OpenAPI at ``/docs``):
+Routes (OpenAPI at ``/openapi.json``; the Swagger page at ``/docs`` only with ``api_docs: true``):
 
 * ``POST /v1/segment`` -- multipart ``file`` (``.nii``/``.nii.gz``) + ``style`` (``main`` or a style id)
   or ``latent`` (``[0.1, -0.3]``). Returns the mask as ``.nii.gz`` with the input's affine and shape
   (headers ``X-Style``, ``X-Foreground-Voxels``, ``X-Model-Version``, ``X-Inference-Ms``), or with
   ``?format=json`` a summary (``&include_mask=true`` adds the mask as base64).
-* ``POST /v1/segment/styles`` -- one mask per style (the paper's "best of N" for a human to pick): a zip
-  of ``.nii.gz`` files, ``?format=nifti4d`` for one volume with the styles along the last axis, or
-  ``?format=json``.
-* ``GET /v1/styles``, ``GET /v1/model``, ``GET /healthz`` (always open, no auth).
+* ``POST /v1/segment/styles`` -- one mask per style (the paper's "best of N" for a human to pick), at most
+  ``max_styles_per_request`` (choose them with the ``styles`` field): a zip of ``.nii.gz`` files,
+  ``?format=nifti4d`` for one volume with the styles along the last axis, or ``?format=json``.
+* ``GET /v1/styles``, ``GET /v1/model``, ``GET /healthz`` (always open, no auth, says nothing about the model).
 
 Design:
 
 * The model is loaded once per replica with :func:`hypersort_ray.inference.load_model`; the UNet of each
   latent is generated once and kept in the model's LRU (``style_cache_size``; 0 disables it).
-* Inference runs in the replica's own thread pool (one thread per whole CPU of the replica, one on a
-  GPU), never on the event loop, so ``/healthz`` and the ``/v1/styles`` metadata routes answer while
-  volumes are being segmented. ``max_ongoing_requests`` bounds what a replica accepts.
+* Nothing heavy runs on the event loop: the header checks run in a one-thread parse pool, decoding and
+  inference in the replica's inference pool (one thread per whole CPU of the replica, one on a GPU), so
+  ``/healthz`` and the metadata routes answer while volumes are being segmented or floods are refused.
+* Every request has a deadline (``request_timeout_s``) that reaches its inference thread, and a client
+  that leaves cancels its work: :mod:`hypersort_ray.serve.deadline` stops the sliding window at its next
+  window. ``max_ongoing_requests`` and ``max_queued_requests`` bound what piles up.
 * No ``@serve.batch``: requests carry different volumes (shapes) and often different latents, and a
-  sliding-window pass already batches windows (per-window cost is flat from a batch of 2 on); measured
-  on CPU, stacking 4 same-style 64³ volumes into one pass was slower (0.63-0.66x) than one by one
-  (``benchmarks/serve.py --probe-batching``; deployments/README.md).
-* Every upload is validated by :mod:`hypersort_ray.serve.validation` before model code runs; the body
-  size and the bearer token are checked by :class:`RequestGuardMiddleware` before the multipart parser
-  reads anything.
+  sliding-window pass already batches windows (``benchmarks/serve.py --probe-batching``).
+* Every upload is checked by :mod:`hypersort_ray.serve.validation` before model code runs; Host, Origin,
+  token and body size by :class:`~hypersort_ray.serve.middleware.RequestGuardMiddleware` before the
+  multipart parser reads anything. Every error is one JSON shape with the request id
+  (:mod:`hypersort_ray.serve.wire`); details go to the server log under that id.
 
 Entry points: :func:`run_server` (``hypersort serve``), :func:`build_app` (Serve config files:
 ``import_path: hypersort_ray.serve.app:build_app``), :func:`build_application` (a bound application for
@@ -35,7 +37,6 @@ Entry points: :func:`run_server` (``hypersort serve``), :func:`build_app` (Serve
 # then cannot rebuild the multipart body model from string annotations (/openapi.json answers 500).
 import asyncio
 import base64
-import functools
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ import signal
 import sys
 import threading
 import time
+import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,15 +54,38 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, File, Form, Query, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hypersort_ray.config import ServeSettings
 from hypersort_ray.errors import ConfigError, HypersortError
-from hypersort_ray.serve.middleware import GuardSettings, RequestGuardMiddleware
-from hypersort_ray.serve.results import describe_model, encode_mask, header_value, zip_masks
+from hypersort_ray.serve.auth import AuthPlan, check_bind, is_loopback, replica_credentials, resolve_auth
+from hypersort_ray.serve.deadline import (
+    Cancelled,
+    CancelToken,
+    checkpoint,
+    install_forward_hook,
+    run_with_token,
+)
+from hypersort_ray.serve.middleware import (
+    PROXY_CALLBACK,
+    PROXY_MAX_BODY_ENV,
+    GuardSettings,
+    RequestGuardMiddleware,
+)
+from hypersort_ray.serve.results import (
+    describe_model,
+    encode_mask,
+    header_value,
+    public_info,
+    public_source,
+    zip_masks,
+)
 from hypersort_ray.serve.schemas import (
     BuildArgs,
     CacheStats,
@@ -74,42 +101,59 @@ from hypersort_ray.serve.schemas import (
 from hypersort_ray.serve.validation import (
     DecodedVolume,
     RequestError,
+    UploadLimits,
     bearer_token_ok,
-    check_resampled_size,
+    check_latent_radius,
+    check_upload,
     decode_nifti,
     parse_latent_field,
-    read_nifti_header,
+    plan_for,
     safe_stem,
     voxel_volume_ml,
 )
+from hypersort_ray.serve.wire import error_body, request_id_from_headers, scrub
 
 __all__ = ["APP_NAME", "DEPLOYMENT_NAME", "HyperSortSegmenter", "build_app", "build_application", "run_server"]
 
-logger = logging.getLogger("hypersort_ray.serve")
+# A child of Serve's logger: in a replica its lines go to the replica's Serve log (logs/serve/replica_*.log
+# under Ray's session folder) with Serve's request context; a logger of our own would be silent there.
+logger = logging.getLogger("ray.serve.hypersort")
 
 APP_NAME = "hypersort"
 DEPLOYMENT_NAME = "HyperSortSegmenter"
 # Paths any client may call without a token: liveness and the API description.
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/openapi.json"})
 NIFTI_GZ = "application/gzip"
+# Set in the replicas' runtime env unless the deployer chose otherwise: nothing leaves the machine.
+PRIVACY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+# 499: nginx's "client closed request"; nobody reads it, but the log line says what happened.
+CLIENT_CLOSED = 499
 
 _ERRORS = {
-    400: {"model": ErrorResponse, "description": "Not a NIfTI file, or corrupt/truncated data."},
+    400: {"model": ErrorResponse, "description": "Not a NIfTI file, corrupt/truncated data, or a Host not served."},
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when auth is on)."},
+    403: {"model": ErrorResponse, "description": "A cross-origin request from an origin not allowed."},
     404: {"model": ErrorResponse, "description": "Unknown style."},
-    413: {"model": ErrorResponse, "description": "Body over max_body_mb or volume over max_voxels."},
-    422: {"model": ErrorResponse, "description": "Wrong dimensionality/channels, NaN, or a bad latent."},
+    413: {"model": ErrorResponse, "description": "Body, voxels (padded, at the model's spacing) or memory over a limit."},
+    415: {"model": ErrorResponse, "description": "The body is not multipart/form-data."},
+    422: {"model": ErrorResponse, "description": "Wrong dimensionality/channels/datatype, NaN, a bad affine or latent."},
+    503: {"model": ErrorResponse, "description": "Too many requests queued (max_queued_requests)."},
+    504: {"model": ErrorResponse, "description": "The request's deadline (request_timeout_s) passed."},
 }
 
 
 # ----------------------------------------------------------------------------------- guard
-def _replica_guard() -> GuardSettings | None:
-    """The serving replica's limits (the app object is a pickled copy, so ask the replica context)."""
+def _replica() -> Any:
+    """The serving replica (the app object is a pickled copy, so ask the replica context)."""
     try:
-        replica = serve.get_replica_context().servable_object
-    except Exception:  # noqa: BLE001 - outside a replica (e.g. a plain TestClient): route checks still apply
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - outside a replica (e.g. a plain TestClient)
         return None
-    return getattr(replica, "guard", None)
+
+
+def _replica_guard() -> GuardSettings | None:
+    """The serving replica's guard settings (None outside a replica: the route checks still apply)."""
+    return getattr(_replica(), "guard", None)
 
 
 # ------------------------------------------------------------------------------------- app
@@ -119,21 +163,75 @@ api = FastAPI(
     description=(
         "Latent-conditioned segmentation with a HyperSORT hyper-network: pick an annotation style "
         "(`main` = λ 0, or a discovered style) or an explicit latent, upload a NIfTI, get the mask. "
-        "When the server has a token configured, send `Authorization: Bearer <token>`."
+        "When the server has a token configured, send `Authorization: Bearer <token>`. Every error is "
+        "`{status, error, detail, request_id}`."
     ),
+    docs_url=None,
+    redoc_url=None,
 )
-api.add_middleware(RequestGuardMiddleware, settings=_replica_guard, open_paths=OPEN_PATHS)
+api.add_middleware(
+    RequestGuardMiddleware, settings=_replica_guard, open_paths=OPEN_PATHS, multipart_prefixes=("/v1/segment",)
+)
 _bearer = HTTPBearer(auto_error=False, description="Required when the server sets a token.")
 
 
+def request_id_of(request: Request) -> str:
+    """The id the guard middleware put on the request (Serve's ``x-request-id``), else from the headers."""
+    state_id = getattr(request.state, "request_id", None)
+    return str(state_id) if state_id else request_id_from_headers(request.scope.get("headers", []))
+
+
+def error_response(request: Request, status: int, detail: str, log_detail: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    """The one error shape; the log line carries the same request id and whatever ``log_detail`` adds."""
+    rid = request_id_of(request)
+    level = logging.WARNING if status >= 500 else logging.INFO
+    logger.log(level, "request %s: %s %s -> %d %s%s", rid, request.method, request.url.path, status, detail,
+               f" | {log_detail}" if log_detail else "")
+    # Serve's proxy adds x-request-id (the same id) to every response.
+    return Response(error_body(status, detail, rid), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+async def _request_error(request: Request, exc: RequestError) -> Response:
+    return error_response(request, exc.status, exc.detail, exc.log_detail)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return error_response(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+    return error_response(request, 422, "; ".join(parts) or "invalid request")
+
+
+@api.exception_handler(Cancelled)
+async def _cancelled(request: Request, exc: Cancelled) -> Response:
+    if exc.timed_out:
+        return error_response(request, 504, "the request did not finish within the server's deadline "
+                              "(request_timeout_s)")
+    return error_response(request, CLIENT_CLOSED, "the client left; the work was stopped")
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    rid = request_id_of(request)
+    logger.error("request %s: internal error", rid, exc_info=(type(exc), exc, exc.__traceback__))
+    return Response(error_body(500, "internal server error; the server log has the details under this request "
+                               "id", rid), status_code=500, media_type="application/json")
 
 
 @dataclass
 class _Inputs:
-    """A validated segmentation request, ready for the worker thread."""
+    """A checked segmentation request, ready for the inference thread."""
 
     payload: bytes
     filename: str
@@ -141,24 +239,56 @@ class _Inputs:
     latent: tuple[float, ...] | None
 
 
+def _upload_limits(settings: ServeSettings, model: Any) -> UploadLimits:
+    """The model's facts and the server's limits an upload is checked against."""
+    pre = model.config.preprocessing
+    return UploadLimits(
+        spatial_dims=model.spatial_dims,
+        roi_size=tuple(int(r) for r in pre.roi_size),
+        spacing=tuple(float(v) for v in pre.spacing) if pre.spacing is not None else None,
+        orientation=pre.orientation,
+        num_classes=int(model.config.model.unet.out_channels),
+        in_channels=int(model.config.model.unet.in_channels),
+        max_voxels=settings.max_voxels,
+        min_edge=settings.min_edge_voxels,
+        memory_budget_bytes=int(settings.max_inference_memory_mb * 2**20),
+    )
+
+
+def _parse_style_list(text: str | None) -> list[str] | None:
+    """The ``styles`` form field: comma-separated ids, duplicates dropped (None: every style)."""
+    if text is None or not text.strip():
+        return None
+    if len(text) > 4096:
+        raise RequestError(422, "styles: field too long")
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part and part not in out:
+            out.append(part)
+    return out or None
+
+
 @serve.deployment(
     name=DEPLOYMENT_NAME,
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
-    # A model that cannot load (bad URI, wrong weights) fails the deployment quickly instead of
-    # retrying for minutes; the error names the model.
+    # A model that cannot load (bad URI, wrong weights) or a replica without its token fails the
+    # deployment quickly instead of retrying for minutes; the error names the problem.
     max_constructor_retry_count=3,
 )
 @serve.ingress(api)
 class HyperSortSegmenter:
-    """One replica: a loaded model, its UNet cache and a small inference thread pool.
+    """One replica: a loaded model, its UNet cache, a parse pool and an inference pool.
 
     Args:
         settings: :class:`ServeSettings` (or its dict); ``model`` must be set.
+        auth_required: the deployer's decision (:func:`hypersort_ray.serve.auth.resolve_auth`); a replica
+            that finds no token then refuses to start.
     """
 
-    def __init__(self, settings: ServeSettings | dict[str, Any]):
+    def __init__(self, settings: ServeSettings | dict[str, Any], auth_required: bool = True):
         import torch
 
         from hypersort_ray.inference import load_model
@@ -167,6 +297,8 @@ class HyperSortSegmenter:
         s = self.settings
         if not s.model:
             raise ConfigError("serve: no model given (--model RUN_DIR|MODEL_URI)")
+        # Before anything slow: a replica that would serve without the token it was promised fails now.
+        token, digest = replica_credentials(s.auth_token_env, auth_required)
         use_gpu = s.num_gpus > 0
         if use_gpu and not torch.cuda.is_available():
             raise ConfigError(f"serve: num_gpus = {s.num_gpus} but this replica sees no CUDA device")
@@ -177,15 +309,21 @@ class HyperSortSegmenter:
         workers = 1 if use_gpu else cpus
         torch.set_num_threads(cpus if use_gpu else 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hypersort-infer")
-        self.model = load_model(s.model, device=device, cache_size=s.style_cache_size)
+        # Header checks get their own thread: a flood of bad uploads never waits behind inference, and
+        # never takes more than this one thread's CPU.
+        self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypersort-parse")
+        install_forward_hook()
+        self.model = load_model(s.model, device=device, cache_size=s.style_cache_size, tracking_uri=s.tracking_uri)
         self.identity = describe_model(self.model)
-        token = os.environ.get(s.auth_token_env, "") if s.auth_token_env else ""
-        self.guard = GuardSettings(max_body_bytes=int(s.max_body_mb * 2**20), token=token or None)
-        self._voxel_limit = s.max_voxels
+        self.limits = _upload_limits(s, self.model)
+        self.guard = GuardSettings(
+            max_body_bytes=int(s.max_body_mb * 2**20), token=token, token_sha256=digest,
+            allowed_hosts=tuple(s.allowed_hosts), allowed_origins=tuple(s.allowed_origins),
+        )
         self._warm_up()
         logger.info(
-            "hypersort replica ready: model %s (%s), device %s, %d inference thread(s), auth %s",
-            self.identity["model_version"], s.model, device, workers, "on" if self.guard.token else "off",
+            "hypersort replica ready: model %s, device %s, %d inference thread(s), auth %s",
+            self.identity["model_version"], device, workers, "on" if self.guard.auth_on else "off",
         )
 
     def check_health(self) -> None:
@@ -193,30 +331,40 @@ class HyperSortSegmenter:
             raise RuntimeError("model not loaded")
 
     def __del__(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for name in ("_pool", "_parse_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------ helpers
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         """Route-level check too (the middleware already ran): a misrouted request still needs the token."""
-        token = self.guard.token
-        if not token:
+        if not self.guard.auth_on:
             return
         header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
-        if not bearer_token_ok(header, token):
-            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not bearer_token_ok(header, self.guard.token, self.guard.token_sha256):
+            raise StarletteHTTPException(
+                401, "missing or invalid bearer token (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def _latent(self, text: str | None) -> tuple[float, ...] | None:
+        """The ``latent`` field (a bounded string: parsed in place) within the learned latents' radius."""
+        values = parse_latent_field(text, self.model.latent_dim)
+        if values is not None and not self.settings.allow_extrapolation:
+            known = [(s.id, s.latent) for s in self.model.styles]
+            check_latent_radius(values, known, self.settings.latent_radius)
+        return values
 
     async def _read_inputs(self, file: UploadFile, style: str | None, latent: str | None) -> _Inputs:
         style = style.strip() if style else None
-        latent_values = parse_latent_field(latent, self.model.latent_dim)
+        latent_values = self._latent(latent)
         if style and latent_values is not None:
             raise RequestError(422, "give either a style or a latent, not both")
         if style:
             self._style(style)
         payload = await file.read()
-        # Header only (for gzip: only the header is decompressed): 400/413/422 before any real work.
-        read_nifti_header(payload, max_voxels=self._voxel_limit)
+        await self._parse(check_upload, payload, self.limits)
         return _Inputs(payload, file.filename or "image.nii.gz", style, latent_values)
 
     def _style(self, style_id: str):
@@ -224,33 +372,51 @@ class HyperSortSegmenter:
         try:
             return self.model.style(style_id)
         except HypersortError as exc:
-            raise RequestError(404, str(exc)) from None
+            raise RequestError(404, scrub(str(exc))) from None
 
-    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _parse(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a bounded header check in the parse pool (never on the event loop)."""
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parse_pool, fn, *args)
+
+    async def _in_pool(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the inference pool under this request's deadline; a client that leaves cancels it."""
+        token = CancelToken(deadline=time.monotonic() + self.settings.request_timeout_s)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, run_with_token, token, fn)
         try:
-            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
-        except (RequestError, HTTPException):
+            return await asyncio.wait_for(future, timeout=max(0.0, token.remaining() or 0.0))
+        except TimeoutError:
+            token.cancel()
+            raise Cancelled("the request's deadline passed", timed_out=True) from None
+        except asyncio.CancelledError:
+            token.cancel()  # the client left or the proxy timed out: the thread stops at its next window
+            raise
+        except (RequestError, Cancelled):
             raise
         except HypersortError as exc:
-            raise RequestError(422, str(exc)) from None
+            raise RequestError(422, scrub(str(exc)), log_detail=str(exc)) from None
         except Exception as exc:
-            logger.exception("inference failed")
-            raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}"[:300]) from None
+            # A bug or an allocator failure: the client gets the request id, the log gets the traceback.
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            raise RequestError(500, "internal server error; the server log has the details under this "
+                               "request id", log_detail=trace) from None
 
     def _decode(self, payload: bytes) -> DecodedVolume:
-        volume = decode_nifti(payload, max_voxels=self._voxel_limit, spatial_dims=self.model.spatial_dims)
-        spacing = self.model.config.preprocessing.spacing
-        check_resampled_size(volume.array.shape, volume.affine, spacing, self._voxel_limit)
+        volume = decode_nifti(payload, max_voxels=self.limits.max_voxels, spatial_dims=self.model.spatial_dims,
+                              checkpoint=checkpoint)
+        plan_for(volume.array.shape, volume.affine, self.limits, volume.header.bytes_per_voxel)
         return volume
 
     def _prepare(self, volume: DecodedVolume) -> tuple[Any, float]:
         """Preprocess once (a request for every style reuses it); returns (prepared, milliseconds)."""
         t0 = time.perf_counter()
         prepared = self.model.prepare(volume.array, volume.affine)
+        checkpoint()
         return prepared, (time.perf_counter() - t0) * 1000.0
 
     def _predict(self, volume: DecodedVolume, prepared: Any, style: str | None, latent: tuple[float, ...] | None) -> dict[str, Any]:
+        checkpoint()
         t0 = time.perf_counter()
         result = self.model.predict(
             prepared, style=style if latent is None else None, latent=list(latent) if latent is not None else None
@@ -292,11 +458,32 @@ class HyperSortSegmenter:
         headers.update({k: header_value(v) for k, v in extra.items()})
         return headers
 
+    def _styles_to_run(self, requested: str | None) -> list[Any]:
+        """The styles a /v1/segment/styles request runs: the named ones, or all; at most the server's cap."""
+        cap = self.settings.max_styles_per_request
+        names = _parse_style_list(requested)
+        styles = [self._style(n) for n in names] if names is not None else list(self.model.styles)
+        unique = list({s.id: s for s in styles}.values())
+        if len(unique) > cap:
+            raise RequestError(
+                422, f"{len(unique)} styles requested; this server runs at most {cap} per request "
+                "(max_styles_per_request): name them in the `styles` field"
+            )
+        return unique
+
     # ------------------------------------------------------------------------------- routes
     @api.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz(self) -> HealthResponse:
-        """Liveness: answers while inference is running (never behind a token)."""
-        return HealthResponse(model_loaded=self.model is not None, model_version=self.identity["model_version"])
+        """Liveness: answers while inference is running (never behind a token; no model details)."""
+        return HealthResponse(model_loaded=self.model is not None)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        """The Swagger page, only when ``api_docs`` is on (it loads its scripts from a CDN)."""
+        if not self.settings.api_docs:
+            raise StarletteHTTPException(404, "API docs are off on this server (api_docs); /openapi.json is served")
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="HyperSORT segmentation")
 
     @api.get("/v1/styles", response_model=StylesResponse, tags=["model"], responses={401: _ERRORS[401]})
     async def styles(self, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> StylesResponse:
@@ -322,7 +509,7 @@ class HyperSortSegmenter:
             registry_name=self.identity["registry_name"],
             registry_version=self.identity["registry_version"],
             model_version=self.identity["model_version"],
-            source=self.identity["source"],
+            source=public_source(str(self.identity["source"] or "")),
             latent_dim=self.model.latent_dim,
             spatial_dims=self.model.spatial_dims,
             num_styles=len(self.model.styles),
@@ -337,7 +524,7 @@ class HyperSortSegmenter:
             cache=CacheStats(
                 capacity=self.model.cache_size, hits=self.model.cache_hits, misses=self.model.cache_misses
             ),
-            info=json.loads(json.dumps(self.model.info, default=str)),
+            info=json.loads(json.dumps(public_info(self.model.info), default=str)),
         )
 
     @api.post(
@@ -411,18 +598,22 @@ class HyperSortSegmenter:
     async def segment_styles(
         self,
         file: UploadFile = File(..., description="The image: .nii or .nii.gz, single channel."),
+        styles: str | None = Form(
+            None, description="Comma-separated style ids (default: every style, up to max_styles_per_request)."
+        ),
         fmt: Literal["zip", "nifti4d", "json"] = Query("zip", alias="format"),
         credentials: HTTPAuthorizationCredentials | None = Security(_bearer),
     ):
         """One mask per style, for a human to pick the best (the paper's human-in-the-loop use)."""
         self._authorize(credentials)
+        chosen = self._styles_to_run(styles)
         inputs = await self._read_inputs(file, None, None)
         stem = safe_stem(inputs.filename)
 
         def work():
             volume = self._decode(inputs.payload)
             prepared, prep_ms = self._prepare(volume)
-            results = [self._predict(volume, prepared, s.id, None) for s in self.model.styles]
+            results = [self._predict(volume, prepared, s.id, None) for s in chosen]
             total_ms = prep_ms + sum(r["inference_ms"] for r in results)
             if fmt == "json":
                 summaries = [self._summary(volume, r, False) for r in results]
@@ -458,12 +649,26 @@ class HyperSortSegmenter:
 
 
 # --------------------------------------------------------------------------- building
-def deployment_options(settings: ServeSettings) -> dict[str, Any]:
-    """Replicas/autoscaling, request concurrency and resources for :class:`HyperSortSegmenter`."""
+def replica_env_vars(plan: AuthPlan, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The replicas' runtime-env variables: the token digest, and telemetry off unless the deployer set it."""
+    env = os.environ if environ is None else environ
+    out = {key: env.get(key, default) for key, default in PRIVACY_ENV.items()}
+    out.update(plan.env_vars)
+    return out
+
+
+def deployment_options(settings: ServeSettings, plan: AuthPlan | None = None) -> dict[str, Any]:
+    """Replicas/autoscaling, request limits, resources and runtime env for :class:`HyperSortSegmenter`."""
     s = settings
+    plan = plan or AuthPlan(required=not s.insecure_no_auth)
     options: dict[str, Any] = {
         "max_ongoing_requests": s.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {
+            "num_cpus": s.num_cpus,
+            "num_gpus": s.num_gpus,
+            "runtime_env": {"env_vars": replica_env_vars(plan)},
+        },
     }
     if s.num_replicas == "auto":
         if s.min_replicas > s.max_replicas:
@@ -480,11 +685,19 @@ def deployment_options(settings: ServeSettings) -> dict[str, Any]:
     return options
 
 
-def build_application(settings: ServeSettings):
-    """The bound Serve application for ``settings`` (``serve.run(build_application(s))``)."""
+def build_application(settings: ServeSettings, plan: AuthPlan | None = None):
+    """The bound Serve application for ``settings`` (``serve.run(build_application(s))``).
+
+    ``plan`` defaults to what this process's environment says (:func:`resolve_auth`): with the token
+    variable set, its digest reaches the replicas; without it, replicas must find the token themselves or
+    fail to start, unless ``insecure_no_auth``.
+    """
     if not settings.model:
         raise ConfigError("serve: no model given (--model RUN_DIR|MODEL_URI)")
-    return HyperSortSegmenter.options(**deployment_options(settings)).bind(settings.model_dump(mode="json"))
+    plan = plan or resolve_auth(settings.auth_token_env, settings.insecure_no_auth)
+    return HyperSortSegmenter.options(**deployment_options(settings, plan)).bind(
+        settings.model_dump(mode="json"), plan.required
+    )
 
 
 def build_app(args: BuildArgs):
@@ -502,48 +715,97 @@ def http_options(settings: ServeSettings) -> dict[str, Any]:
     return {"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s}
 
 
+def proxy_environment(settings: ServeSettings) -> dict[str, str]:
+    """What the processes starting Serve's proxies need in their environment for the ingress guard."""
+    return {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
+        PROXY_MAX_BODY_ENV: f"{settings.max_body_mb:g}",
+        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+        **{k: os.environ.get(k, v) for k, v in PRIVACY_ENV.items()},
+    }
+
+
 def run_server(settings: ServeSettings, address: str | None = None, *, block: bool = True) -> str:
     """Deploy the endpoint and (by default) serve until Ctrl-C or SIGTERM; returns the URL.
 
-    Starts a local Ray instance unless ``address`` names a cluster. At exit, a local Ray started here is
-    shut down with Serve; on a cluster only this application is deleted.
+    Starts a private local Ray instance unless ``address`` (or ``RAY_ADDRESS``) names a cluster
+    (:func:`hypersort_ray.ray_cluster.connect`). At exit, a local Ray started here is shut down with Serve;
+    on a cluster only this application is deleted.
+
+    Refuses (:class:`ConfigError`) a non-loopback ``host`` without a token unless
+    ``settings.insecure_no_auth``. On a loopback host without a token the endpoint runs without auth.
 
     Args:
         settings: the serve settings (``model`` required).
         address: Ray cluster address (``auto``, ``ray://host:10001``); None starts a local Ray.
         block: wait for a signal (the CLI); False returns once the app is running (tests, notebooks).
     """
-    import ray
+    from hypersort_ray.ray_cluster import connect
 
     if not settings.model:
         raise ConfigError("serve: --model is required (a run folder or models:/NAME@ALIAS)")
     _check_local_model(settings.model)
-    started_ray = not ray.is_initialized() and address is None
-    if not ray.is_initialized():
-        ray.init(address=address)
+    plan = resolve_auth(settings.auth_token_env, settings.insecure_no_auth)
+    check_bind(settings.host, plan, settings.insecure_no_auth)
+    if not plan.has_token and is_loopback(settings.host):
+        plan = AuthPlan(required=False)  # only this machine can connect
+    settings = _with_bound_host(settings)
+    # Serve's proxies read the ingress guard's variables when they start: in the environment of the Ray
+    # started here, and in the job's runtime env (the Serve controller and its proxies inherit it).
+    proxy_env = proxy_environment(settings)
+    for key, value in proxy_env.items():
+        os.environ.setdefault(key, value)
+    handle = connect(address, runtime_env={"env_vars": {k: os.environ[k] for k in proxy_env}})
     url_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{url_host}:{settings.port}"
     restore = _raise_on_signals() if block else {}
     try:
         serve.start(http_options=http_options(settings))
-        serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-        auth = os.environ.get(settings.auth_token_env or "", "")
-        print(f"HyperSORT endpoint for {settings.model} at {url}  (API docs: {url}/docs)", flush=True)
-        print(f"auth: {'bearer token from $' + str(settings.auth_token_env) if auth else 'off'}; "
-              "Ctrl-C stops it", file=sys.stderr, flush=True)
+        serve.run(build_application(settings, plan), name=APP_NAME, route_prefix="/", blocking=False)
+        if not _proxy_guard_active(url):
+            print(f"warning: the ingress guard is not active on Serve's proxy (body cap, x-request-* headers): "
+                  f"set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={PROXY_CALLBACK} on the Ray nodes "
+                  "(docs/serving-safely.md)", file=sys.stderr, flush=True)
+        docs = f"  (API docs: {url}/docs)" if settings.api_docs else ""
+        print(f"HyperSORT endpoint for {settings.model} at {url}{docs}", flush=True)
+        auth = "bearer token from $" + str(settings.auth_token_env) if plan.has_token else (
+            "off (insecure_no_auth)" if settings.insecure_no_auth else "off (loopback only)"
+        )
+        print(f"auth: {auth}; Ctrl-C stops it", file=sys.stderr, flush=True)
         if not block:
             return url
         threading.Event().wait()
     except KeyboardInterrupt:
         print("stopping...", file=sys.stderr, flush=True)
     except BaseException:
-        _stop(started_ray)
+        _stop(handle)
         raise
     finally:
         for sig, handler in restore.items():
             signal.signal(sig, handler)
-    _stop(started_ray)
+    _stop(handle)
     return url
+
+
+def _with_bound_host(settings: ServeSettings) -> ServeSettings:
+    """A specific bind address is also a Host name clients use: answer for it."""
+    host = settings.host
+    if host in ("0.0.0.0", "::") or host in settings.allowed_hosts or "*" in settings.allowed_hosts:
+        return settings
+    return settings.model_copy(update={"allowed_hosts": [*settings.allowed_hosts, host]})
+
+
+def _proxy_guard_active(url: str) -> bool:
+    """Whether Serve's proxy strips ``x-request-*`` headers (the sign that the ingress guard is in place)."""
+    probe = "hypersort-proxy-probe"
+    request = urllib.request.Request(f"{url}/healthz", headers={"x-request-id": probe, "Host": "127.0.0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own local URL
+            return response.headers.get("x-request-id") != probe
+    except urllib.error.HTTPError as err:  # an error answer (e.g. a Host not allowed) still carries the id
+        return err.headers.get("x-request-id") != probe
+    except Exception:  # noqa: BLE001 - no answer at all: nothing to tell
+        return True
 
 
 def _raise_on_signals() -> dict[int, Any]:
@@ -570,15 +832,12 @@ def _check_local_model(ref: str) -> None:
         raise ConfigError(f"serve: --model {ref}: no such run folder or model folder")
 
 
-def _stop(started_ray: bool) -> None:
+def _stop(handle: Any) -> None:
     """Shut Serve and Ray down when this process started Ray; else remove only our application."""
-    import ray
-
     try:
-        if started_ray:
+        if handle.started:
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
     finally:
-        if started_ray:
-            ray.shutdown()
+        handle.close()

@@ -1,14 +1,22 @@
-"""ASGI middleware: bearer token and body-size cap, before any parser buffers the body (no Ray imports).
+"""ASGI middleware: the guards that run before any parser buffers a body (no Ray imports).
 
-FastAPI parses a multipart body completely (spooling the file) before the endpoint runs, so a size check
-inside the endpoint comes too late. :class:`BodySizeLimitMiddleware` sits in front of the parser:
+Two places need them:
 
-* a ``Content-Length`` above the limit is answered 413 at once, without reading the body;
-* a body without a length (chunked) is counted while it streams; at the first byte over the limit the
-  parser is stopped and the client gets 413 instead of whatever the parser made of the cut-off body.
+* **The replica** (:class:`RequestGuardMiddleware`, inside the FastAPI app): Host allow-list, Origin check
+  and CORS, bearer token, then the body-size cap -- all before the multipart parser reads a byte. FastAPI
+  parses a multipart body completely (spooling the file) before the endpoint runs, so a check inside the
+  endpoint comes too late.
+* **Ray Serve's proxy** (:class:`ProxyGuardMiddleware`, installed through Serve's proxy callback
+  ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=hypersort_ray.serve.middleware:proxy_middlewares``): the
+  proxy reads a request's whole body into its own queue while the request waits for a replica, so a cap
+  in the replica does not protect the proxy's memory. The proxy guard answers 413 on ``Content-Length``
+  before reading the body and stops a streamed body at the first byte over the cap. It also strips the
+  ``x-request-*`` headers with which any client could steer the proxy (``x-request-timeout-seconds: 0``
+  switches the request timeout off, ``x-request-disconnect-disabled`` keeps work running after the client
+  left, ``x-request-id`` picks the id written to the logs), and rewrites the proxy's own plain-text errors
+  (408, 503, 500) into the endpoint's one JSON error shape.
 
-The limit is looked up per request through a callable, so a Ray Serve replica can supply the value it
-was deployed with (the FastAPI app itself is pickled once at import time).
+Every refusal uses :func:`hypersort_ray.serve.wire.error_body` with the request's id.
 
 Example:
     >>> from starlette.applications import Starlette
@@ -17,16 +25,39 @@ Example:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypersort_ray.serve.validation import bearer_token_ok
+from hypersort_ray.serve.wire import error_body, new_request_id, request_id_from_headers
 
-__all__ = ["BodySizeLimitMiddleware", "GuardSettings", "RequestGuardMiddleware"]
+__all__ = [
+    "PROXY_CALLBACK",
+    "PROXY_MAX_BODY_ENV",
+    "BodySizeLimitMiddleware",
+    "GuardSettings",
+    "ProxyGuardMiddleware",
+    "RequestGuardMiddleware",
+    "proxy_middlewares",
+    "relative_path",
+    "send_error",
+]
+
+logger = logging.getLogger("ray.serve.hypersort")  # Serve's log files, in the proxy as in replicas
+
+#: The value of ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` that installs :class:`ProxyGuardMiddleware`.
+PROXY_CALLBACK = "hypersort_ray.serve.middleware:proxy_middlewares"
+#: Environment variable (on the nodes running Serve proxies) with the proxy's body cap in MiB.
+PROXY_MAX_BODY_ENV = "HYPERSORT_PROXY_MAX_BODY_MB"
+DEFAULT_PROXY_MAX_BODY_MB = 256.0
+# Headers Ray Serve's proxy reads as instructions (timeout, disconnect policy, request id).
+_CONTROL_PREFIX = b"x-request-"
+_EXPOSED = "X-Style, X-Styles, X-Latent, X-Foreground-Voxels, X-Model-Version, X-Inference-Ms, X-Request-ID"
 
 
 class _BodyTooLarge(Exception):
@@ -37,28 +68,72 @@ def _too_large_detail(limit: int) -> str:
     return f"request body exceeds the limit of {limit / 2**20:.4g} MiB (max_body_mb)"
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": _too_large_detail(limit)}).encode()
+async def send_error(
+    send: Send,
+    status: int,
+    detail: str,
+    request_id: str,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    id_header: bool = False,
+) -> None:
+    """Send the one JSON error shape (closing the connection: the body may not have been read).
+
+    ``id_header``: add ``x-request-id`` (only in front of Serve's proxy, which adds it to everything else).
+    """
+    body = error_body(status, detail, request_id)
+    own = [(b"x-request-id", request_id.encode())] if id_header else []
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *own,
+                *headers,
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
 
 
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _request_id(scope: Scope) -> str:
+    state = scope.get("state")
+    if isinstance(state, dict) and state.get("request_id"):
+        return str(state["request_id"])
+    return request_id_from_headers(scope.get("headers", []))
+
+
 class BodySizeLimitMiddleware:
-    """Answer 413 (JSON ``detail``) when a request body exceeds ``limit_bytes()``.
+    """Answer 413 (the JSON error shape) when a request body exceeds ``limit_bytes()``.
+
+    * a ``Content-Length`` above the limit is answered at once, without reading the body;
+    * a body without a length (chunked) is counted while it streams; at the first byte over the limit the
+      parser is stopped and the client gets 413 instead of whatever the parser made of the cut-off body.
 
     Args:
         app: the wrapped ASGI app.
-        limit_bytes: returns the current limit in bytes, or None for no limit.
+        limit_bytes: returns the current limit in bytes, or None for no limit (looked up per request, so a
+            Serve replica can supply the value it was deployed with).
     """
 
     def __init__(self, app: ASGIApp, limit_bytes: Callable[[], int | None]):
@@ -73,9 +148,10 @@ class BodySizeLimitMiddleware:
         if limit is None:
             await self.app(scope, receive, send)
             return
+        request_id = _request_id(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_413(send, limit)
+            await send_error(send, 413, _too_large_detail(limit), request_id)
             return
 
         received = 0
@@ -100,7 +176,7 @@ class BodySizeLimitMiddleware:
                 # The parser turned our signal into its own error response: replace it by the 413.
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await _send_413(send, limit)
+                    await send_error(send, 413, _too_large_detail(limit), request_id)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -110,46 +186,95 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await _send_413(send, limit)
+                await send_error(send, 413, _too_large_detail(limit), request_id)
         except BaseExceptionGroup as group:  # anyio task groups wrap it
             match, rest = group.split(_BodyTooLarge)
             if match is None or rest is not None:
                 raise
             if not started:
-                await _send_413(send, limit)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for key, value in scope.get("headers", []):
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+                await send_error(send, 413, _too_large_detail(limit), request_id)
 
 
 @dataclass(frozen=True)
 class GuardSettings:
-    """What :class:`RequestGuardMiddleware` enforces: body cap in bytes (None: none), token (None: no auth)."""
+    """What :class:`RequestGuardMiddleware` enforces.
+
+    Attributes:
+        max_body_bytes: body cap in bytes (None: none).
+        token: the bearer token (None: no auth unless ``token_sha256`` is set).
+        token_sha256: SHA-256 of the token, when the replica got only the digest.
+        allowed_hosts: host names the ``Host`` header may carry (``*``: any; ``*.example.org``: a domain).
+            Empty: any.
+        allowed_origins: origins (``https://viewer.example.org``) allowed to call cross-origin; ``*``: any.
+            Same-origin requests (Origin's host = Host) are always allowed.
+    """
 
     max_body_bytes: int | None
     token: str | None
+    token_sha256: bytes | None = None
+    allowed_hosts: tuple[str, ...] = field(default=())
+    allowed_origins: tuple[str, ...] = field(default=())
+
+    @property
+    def auth_on(self) -> bool:
+        return bool(self.token or self.token_sha256)
+
+
+def _hostname(value: str) -> str:
+    """``[::1]:8000`` → ``::1``, ``Example.org:80`` → ``example.org``, ``::1`` → ``::1``."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        return v[1 : v.find("]")] if "]" in v else v[1:]
+    if v.count(":") == 1:
+        return v.rsplit(":", 1)[0]
+    return v
+
+
+def host_allowed(host_header: str | None, allowed: Collection[str]) -> bool:
+    """Whether a ``Host`` header names one of ``allowed`` (port ignored; ``*`` and ``*.domain`` patterns)."""
+    if not allowed or "*" in allowed:
+        return True
+    if not host_header:
+        return False
+    host = _hostname(host_header)
+    for pattern in allowed:
+        p = pattern.strip().lower()
+        if p.startswith("*.") and host.endswith(p[1:]):
+            return True
+        if _hostname(p) == host:
+            return True
+    return False
+
+
+def _origin_host(origin: str) -> str:
+    return origin.split("://", 1)[-1].rstrip("/").lower()
 
 
 class RequestGuardMiddleware:
-    """Bearer-token check, then the body-size cap, both before any body byte is parsed.
+    """Host allow-list (400), Origin check (403), bearer token (401), content type (415), body cap (413).
+
+    All of it before any body byte is parsed. The request id (Serve's ``x-request-id``) is put in
+    ``scope["state"]["request_id"]`` for the routes and error handlers.
 
     Args:
         app: the wrapped ASGI app.
-        settings: returns the current :class:`GuardSettings` (looked up per request); None disables both.
+        settings: returns the current :class:`GuardSettings` (looked up per request); None disables all.
         open_paths: paths (relative to the app's root path) that need no token, e.g. ``/healthz``.
+        multipart_prefixes: path prefixes whose POSTs must be ``multipart/form-data`` (415 otherwise, before
+            any parser guesses at the body).
     """
 
-    def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings | None], open_paths: Collection[str] = ()):
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Callable[[], GuardSettings | None],
+        open_paths: Collection[str] = (),
+        multipart_prefixes: Collection[str] = (),
+    ):
         self.app = app
         self.settings = settings
         self.open_paths = frozenset(open_paths)
+        self.multipart_prefixes = tuple(multipart_prefixes)
         self.limited = BodySizeLimitMiddleware(app, limit_bytes=self._limit)
 
     def _limit(self) -> int | None:
@@ -160,22 +285,85 @@ class RequestGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = request_id_from_headers(scope.get("headers", []))
+        state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            state["request_id"] = request_id
         current = self.settings()
-        if current and current.token and relative_path(scope) not in self.open_paths:
-            authorization = None
-            for key, value in scope.get("headers", []):
-                if key == b"authorization":
-                    authorization = value.decode("latin-1")
-                    break
-            if not bearer_token_ok(authorization, current.token):
-                response = JSONResponse(
-                    {"detail": "missing or invalid bearer token (Authorization: Bearer <token>)"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
+        if current is None:
+            await self.limited(scope, receive, send)
+            return
+        host = _header(scope, b"host")
+        if not host_allowed(host.decode("latin-1") if host else None, current.allowed_hosts):
+            await send_error(
+                send, 400, f"this server does not answer for that Host; it accepts {', '.join(current.allowed_hosts)} "
+                "(allowed_hosts)", request_id,
+            )
+            return
+        origin_raw = _header(scope, b"origin")
+        origin = origin_raw.decode("latin-1") if origin_raw else None
+        cors: list[tuple[bytes, bytes]] = []
+        if origin is not None:
+            same = host is not None and _origin_host(origin) == host.decode("latin-1").lower()
+            cross_ok = "*" in current.allowed_origins or origin in current.allowed_origins
+            if not same and not cross_ok:
+                await send_error(
+                    send, 403, "cross-origin requests are not allowed from this origin (allowed_origins)", request_id
                 )
-                await response(scope, receive, send)
                 return
-        await self.limited(scope, receive, send)
+            if not same:
+                cors = [
+                    (b"access-control-allow-origin", origin.encode("latin-1")),
+                    (b"vary", b"Origin"),
+                    (b"access-control-expose-headers", _EXPOSED.encode()),
+                ]
+                if scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method"):
+                    await _preflight(send, cors)
+                    return
+        if current.auth_on and relative_path(scope) not in self.open_paths:
+            authorization = _header(scope, b"authorization")
+            header_text = authorization.decode("latin-1") if authorization else None
+            if not bearer_token_ok(header_text, current.token, current.token_sha256):
+                await send_error(
+                    send, 401, "missing or invalid bearer token (Authorization: Bearer <token>)", request_id,
+                    headers=[(b"www-authenticate", b"Bearer"), *cors],
+                )
+                return
+        if scope.get("method") == "POST" and relative_path(scope).startswith(self.multipart_prefixes):
+            content_type = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+            if content_type != b"multipart/form-data":
+                await send_error(
+                    send, 415, "send multipart/form-data with a `file` part (the NIfTI) and optional fields",
+                    request_id, headers=cors,
+                )
+                return
+        await self.limited(scope, receive, _with_headers(send, cors) if cors else send)
+
+
+async def _preflight(send: Send, cors: list[tuple[bytes, bytes]]) -> None:
+    """Answer a CORS preflight from an allowed origin."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 204,
+            "headers": [
+                *cors,
+                (b"access-control-allow-methods", b"GET, POST"),
+                (b"access-control-allow-headers", b"authorization, content-type"),
+                (b"access-control-max-age", b"600"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 def relative_path(scope: Scope) -> str:
@@ -185,3 +373,116 @@ def relative_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :]
     return "/" + path.lstrip("/")
+
+
+# ------------------------------------------------------------------------------------------- proxy
+_PROXY_MESSAGES = {
+    404: "no such route",
+    408: "the request did not finish within the server's request timeout (request_timeout_s)",
+    500: "internal server error",
+    502: "the replica serving this request failed",
+    503: "the server is busy (max_queued_requests reached) or has no healthy replica; retry later",
+    504: "the request did not finish in time",
+}
+
+
+def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for key, value in headers:
+        if key.lower() == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"application/json"
+    return False
+
+
+class ProxyGuardMiddleware:
+    """The guard in front of Ray Serve's proxy (see the module docstring).
+
+    Args:
+        app: the proxy's ASGI app (Serve wraps it with its request-id middleware first).
+        max_body_bytes: body cap in bytes (None: no cap).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope.get("headers", []) if not k.lower().startswith(_CONTROL_PREFIX)]
+        scope = {**scope, "headers": headers}
+        if scope["type"] != "http" or str(scope.get("path", "")).startswith("/-/"):
+            await self.app(scope, receive, send)  # Serve's own /-/healthz and /-/routes: left as they are
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if limit is not None and declared is not None and declared > limit:
+            await send_error(send, 413, _too_large_detail(limit), new_request_id(), id_header=True)
+            return
+        await _ProxyExchange(self.app, scope, receive, send, limit).run()
+
+
+class _ProxyExchange:
+    """One request through the proxy: counts the streamed body, rewrites the proxy's plain-text errors."""
+
+    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int | None):
+        self.app, self.scope, self.receive, self.send, self.limit = app, scope, receive, send, limit
+        self.received = 0
+        self.answered = False  # we sent our own complete response: drop whatever the proxy sends
+        self.started = False
+        self.rewriting = False
+
+    async def run(self) -> None:
+        await self.app(self.scope, self._receive, self._send)
+
+    async def _receive(self) -> Message:
+        if self.answered:
+            return {"type": "http.disconnect"}
+        message = await self.receive()
+        if message["type"] == "http.request" and self.limit is not None:
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                if not self.started:
+                    self.answered = True
+                    await send_error(self.send, 413, _too_large_detail(self.limit), new_request_id(), id_header=True)
+                # The proxy takes this as the client leaving: it cancels the request and frees the body.
+                return {"type": "http.disconnect"}
+        return message
+
+    async def _send(self, message: Message) -> None:
+        if self.answered:
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            status = int(message.get("status", 200))
+            headers = list(message.get("headers", []))
+            if status >= 400 and not _is_json(headers):
+                self.rewriting = True
+                request_id = request_id_from_headers(headers)
+                detail = _PROXY_MESSAGES.get(status, "request failed")
+                extra = [(k, v) for k, v in headers if k.lower() in (b"retry-after", b"www-authenticate")]
+                await send_error(self.send, status, detail, request_id, headers=extra, id_header=True)
+                return
+        elif kind == "http.response.body" and self.rewriting:
+            return  # the proxy's plain-text body: already replaced
+        await self.send(message)
+
+
+def proxy_middlewares() -> list[Any]:
+    """Serve's proxy callback: ``[ProxyGuardMiddleware]`` with the cap from ``HYPERSORT_PROXY_MAX_BODY_MB``.
+
+    Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` to :data:`PROXY_CALLBACK` in the environment of the
+    processes that start Serve's proxies (``hypersort serve`` does it for the Ray it starts; on a cluster,
+    the nodes' environment).
+    """
+    from starlette.middleware import Middleware
+
+    text = os.environ.get(PROXY_MAX_BODY_ENV, "").strip()
+    try:
+        mb = float(text) if text else DEFAULT_PROXY_MAX_BODY_MB
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %s MiB", PROXY_MAX_BODY_ENV, text, DEFAULT_PROXY_MAX_BODY_MB)
+        mb = DEFAULT_PROXY_MAX_BODY_MB
+    limit = int(mb * 2**20) if mb > 0 else None
+    return [Middleware(ProxyGuardMiddleware, max_body_bytes=limit)]

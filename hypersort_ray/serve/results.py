@@ -1,16 +1,17 @@
 """What a segmentation request returns: mask encoding (NIfTI, zip, 4D) and the model's identity.
 
 Kept apart from :mod:`hypersort_ray.serve.app` so the deployment class (which Ray pickles by value)
-refers to importable functions, and so these can be tested without Ray.
+refers to importable functions, and so these can be tested without Ray. Masks are written by the
+project's one NIfTI writer (:mod:`hypersort_ray.data.nifti`) on the upload's own geometry.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import io
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,29 +20,48 @@ import numpy as np
 
 from hypersort_ray.serve.validation import DecodedVolume, safe_stem
 
-__all__ = ["describe_model", "encode_mask", "header_value", "zip_masks"]
+__all__ = ["ZIP_MANIFEST", "describe_model", "encode_mask", "header_value", "public_info", "public_source", "zip_masks"]
+
+#: The zip answer's manifest (one entry per mask).
+ZIP_MANIFEST = "manifest.json"
+# Provenance keys /v1/model may show: numbers and names, never a path on the server.
+_PUBLIC_INFO = ("epoch", "num_samples", "registry_name", "registry_version", "format", "version")
+
+
+def _geometry(volume: DecodedVolume) -> Any:
+    """The upload's NiftiGeometry (shape, affine, qform/sform and their codes, units, NIfTI version)."""
+    from hypersort_ray.data.nifti import NiftiGeometry
+
+    if volume.geometry is not None:
+        return volume.geometry
+    # A volume built by hand (tests): its header facts are the best we have.
+    return NiftiGeometry(
+        shape=tuple(volume.shape), affine=volume.affine,
+        qform=volume.affine if volume.qform_code else None, sform=volume.affine if volume.sform_code else None,
+        qform_code=volume.qform_code, sform_code=volume.sform_code, xyzt_units=volume.xyzt_units,
+    )
 
 
 def encode_mask(mask: np.ndarray, volume: DecodedVolume, shape: tuple[int, ...] | None = None) -> bytes:
-    """A uint8 mask as ``.nii.gz`` bytes in the input's geometry (affine, q/sform codes, units)."""
-    import nibabel as nib
+    """A uint8 mask as ``.nii.gz`` bytes on the input's grid (``shape``: e.g. spatial + a styles axis)."""
+    from hypersort_ray.data.nifti import encode_like
 
-    data = np.asarray(mask, dtype=np.uint8).reshape(shape or volume.shape)
-    img = nib.Nifti1Image(data, volume.affine)
-    if volume.sform_code:
-        img.set_sform(volume.affine, code=volume.sform_code)
-    if volume.qform_code:
-        img.set_qform(volume.affine, code=volume.qform_code)
-    if volume.xyzt_units:
-        img.header["xyzt_units"] = volume.xyzt_units
-    img.header.set_data_dtype(np.uint8)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    geometry = _geometry(volume)
+    if shape is not None:
+        # Styles along a trailing axis: the grid is the spatial part, the extra axis rides along.
+        spatial = tuple(volume.array.shape)
+        geometry = dataclasses.replace(geometry, shape=spatial)
+        mask = np.asarray(mask).reshape(shape)
+    return encode_like(np.asarray(mask, dtype=np.uint8), geometry, dtype=np.uint8)
 
 
 def zip_masks(
     stem: str, volume: DecodedVolume, results: list[dict[str, Any]], summarize: Callable[..., Any]
 ) -> bytes:
-    """A zip of one `.nii.gz` per style plus `styles.json` (what `summarize` says about each mask)."""
+    """A zip of one `.nii.gz` per style plus `manifest.json` (what `summarize` says about each mask).
+
+    The manifest is not named after the run folder's ``styles.json``: it describes masks, not styles.
+    """
     buf = io.BytesIO()
     manifest = []
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -49,7 +69,7 @@ def zip_masks(
             entry = f"{stem}_style-{safe_stem(str(r['style']), default='style')}.nii.gz"
             zf.writestr(entry, encode_mask(r["mask"], volume))
             manifest.append({"file": entry, **summarize(volume, r, False).model_dump(exclude={"mask_base64"})})
-        zf.writestr("styles.json", json.dumps(manifest, indent=2))
+        zf.writestr(ZIP_MANIFEST, json.dumps(manifest, indent=2))
     return buf.getvalue()
 
 
@@ -89,6 +109,19 @@ def describe_model(model: Any) -> dict[str, str | None]:
         "source": source,
         "model_version": label,
     }
+
+
+def public_source(source: str) -> str:
+    """A model source fit for clients: MLflow URIs as they are, a local folder as ``local:<name>``."""
+    if ":/" in source and not source.startswith("file:"):
+        return source
+    name = Path(source.removeprefix("file://").rstrip("/")).name if source else "model"
+    return f"local:{name or 'model'}"
+
+
+def public_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The provenance /v1/model shows: an allow-list of plain values (no run paths, no tracking URIs)."""
+    return {k: info[k] for k in _PUBLIC_INFO if k in info and isinstance(info[k], str | int | float | None)}
 
 
 def _first(info: dict[str, Any], *keys: str) -> str | None:

@@ -26,15 +26,19 @@ __all__ = [
 
 
 class ErrorResponse(BaseModel):
-    """Every error answer: a JSON object naming the problem."""
+    """Every 4xx/5xx answer, from a route, a middleware or the proxy: one shape."""
 
-    detail: str | list[Any] = Field(..., description="What was wrong with the request.")
+    status: int = Field(..., description="The HTTP status, repeated.")
+    error: str = Field(..., description="The status as a word: payload_too_large, not_found, ...")
+    detail: str = Field(..., description="What was wrong and, for a limit, what the server accepts.")
+    request_id: str = Field(..., description="Quote it when asking about the request: the server log has it.")
 
 
 class HealthResponse(BaseModel):
+    """Liveness only: open to anyone, so it says nothing about the model."""
+
     status: Literal["ok"] = "ok"
     model_loaded: bool
-    model_version: str
 
 
 class StyleInfo(BaseModel):
@@ -70,13 +74,15 @@ class ModelResponse(BaseModel):
     registry_name: str | None = Field(None, description="Registered model name when loaded from MLflow.")
     registry_version: str | None = Field(None, description="Registered model version when known.")
     model_version: str = Field(..., description="What X-Model-Version reports.")
-    source: str
+    source: str = Field(..., description="MLflow URI, or local:<folder name> (no server paths).")
     latent_dim: int
     spatial_dims: int
     num_styles: int
     config: ConfigSummary
     cache: CacheStats
-    info: dict[str, Any] = Field(default_factory=dict, description="Provenance recorded with the model.")
+    info: dict[str, Any] = Field(
+        default_factory=dict, description="Provenance recorded with the model (epoch, samples; no paths)."
+    )
 
 
 class SegmentSummary(BaseModel):
@@ -93,6 +99,8 @@ class SegmentSummary(BaseModel):
 
 
 class StylesSummary(BaseModel):
+    """The JSON answer of /v1/segment/styles: one summary per style run."""
+
     model_version: str
     inference_ms: float
     results: list[SegmentSummary]

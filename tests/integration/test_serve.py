@@ -88,7 +88,7 @@ def server(run_dir):
     os.environ[TOKEN_ENV] = TOKEN  # before ray.init: replicas inherit the environment
     port = _free_port()
     settings = _settings(run_dir, port=port)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options=http_options(settings))
         serve.run(build_application(settings), name="hypersort", route_prefix="/", blocking=False)
@@ -161,10 +161,12 @@ def test_healthz_is_open(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model_loaded"] is True
+    assert "model_version" not in body  # open route: says nothing about the model
 
 
 def test_docs_and_openapi(client):
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")  # the Swagger page loads a CDN: off unless api_docs
+    assert docs.status_code == 404 and "api_docs" in docs.json()["detail"]
     spec = client.get("/openapi.json").json()
     for path in ("/v1/segment", "/v1/segment/styles", "/v1/styles", "/v1/model", "/healthz"):
         assert path in spec["paths"], path
@@ -192,7 +194,8 @@ def test_model_info(client, run_dir, model):
     assert body["config"]["roi_size"] == [16, 16, 16]
     assert body["config"]["network"]["channels"] == 4
     assert body["config"]["spacing"] == [2.0, 2.0, 2.0]
-    assert body["source"] == str(run_dir)
+    assert body["source"] == f"local:{run_dir.name}"  # no server paths on the wire
+    assert str(run_dir) not in r.text
     assert body["model_version"].startswith("local:")
     assert body["registry_name"] is None
     assert body["cache"]["capacity"] == 4
@@ -288,8 +291,8 @@ def test_segment_styles_zip(client, model, image_file):
     assert r.headers["x-styles"] == ",".join(ids)
     with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
         names = sorted(zf.namelist())
-        assert names == sorted([f"case_007_style-{i}.nii.gz" for i in ids] + ["styles.json"])
-        manifest = json.loads(zf.read("styles.json"))
+        assert names == sorted([f"case_007_style-{i}.nii.gz" for i in ids] + ["manifest.json"])
+        manifest = json.loads(zf.read("manifest.json"))
         for style in ids:
             mask, affine = _mask(zf.read(f"case_007_style-{style}.nii.gz"))
             np.testing.assert_array_equal(mask, model.predict(image_file, style=style)["mask"])
@@ -385,12 +388,14 @@ def test_gzip_bomb_is_decoded_only_to_the_declared_size(client):
 def test_missing_file_and_no_server_paths(client):
     # No input names a server-side path: a "path" field is ignored and the upload is required.
     r = client.post("/v1/segment", data={"path": "/etc/passwd", "style": "main"}, headers=AUTH)
+    assert r.status_code == 415  # not multipart: refused before any parser reads it
+    r = client.post("/v1/segment", files={"path": (None, "/etc/passwd"), "style": (None, "main")}, headers=AUTH)
     assert r.status_code == 422
-    assert "file" in json.dumps(r.json()["detail"])
+    assert "file" in r.json()["detail"]
     spec = client.get("/openapi.json").json()
     for route, expected in (
         ("/v1/segment", {"format", "include_mask", "file", "style", "latent"}),
-        ("/v1/segment/styles", {"format", "file"}),
+        ("/v1/segment/styles", {"format", "file", "styles"}),
     ):
         op = spec["paths"][route]["post"]
         names = {p["name"] for p in op.get("parameters", [])}
@@ -472,12 +477,12 @@ def test_auth_required(client):
 
 
 def test_auth_off_second_app(server, run_dir):
-    """A second application whose token variable is unset: no auth needed."""
+    """A second application whose token variable is unset, explicitly insecure: no auth needed."""
     from ray import serve
 
     from hypersort_ray.serve.app import build_application
 
-    settings = _settings(run_dir, auth_token_env="HYPERSORT_SERVE_TEST_UNSET_VAR")
+    settings = _settings(run_dir, auth_token_env="HYPERSORT_SERVE_TEST_UNSET_VAR", insecure_no_auth=True)
     assert "HYPERSORT_SERVE_TEST_UNSET_VAR" not in os.environ
     serve.run(build_application(settings), name="open", route_prefix="/open", blocking=False)
     try:
@@ -530,7 +535,8 @@ def test_deployment_options_from_settings(run_dir):
 
     fixed = deployment_options(ServeSettings(model="m", num_replicas=3, max_ongoing_requests=5, num_cpus=2))
     assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 5
-    assert fixed["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert {k: fixed["ray_actor_options"][k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert fixed["max_queued_requests"] == 32
     auto = deployment_options(ServeSettings(model="m", num_replicas="auto", min_replicas=0, max_replicas=6, num_gpus=1))
     assert auto["num_replicas"] is None
     assert auto["autoscaling_config"]["min_replicas"] == 0 and auto["autoscaling_config"]["max_replicas"] == 6

@@ -169,8 +169,8 @@ def test_bomb_decodes_only_the_declared_bytes(monkeypatch):
     seen = []
     real = gunzip_prefix
 
-    def spy(data, limit):
-        out = real(data, limit)
+    def spy(data, limit, **kwargs):
+        out = real(data, limit, **kwargs)
         seen.append(len(out))
         return out
 
