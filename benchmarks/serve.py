@@ -17,6 +17,8 @@ Usage::
     python benchmarks/serve.py --sizes 64 --requests 10 --cache-sizes 32 0
     # same run, current vs an older copy of the serve package (importable as old_serve):
     PYTHONPATH=/tmp/old python benchmarks/serve.py --sizes 64 --cache-sizes 32 --baseline old_serve.app:build_application
+    # same run, requests traced to MLflow (a local store) vs not traced:
+    python benchmarks/serve.py --sizes 64 --cache-sizes 32 --tracing
 
 Numbers depend on what else runs on the machine: the JSON records the load average before and after.
 """
@@ -146,6 +148,10 @@ def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, An
     builders = {"current": build_application}
     if args.baseline:
         builders["baseline"] = _import_callable(args.baseline)
+    if args.tracing:
+        # The same model, every request traced (the serving run gets its metrics either way).
+        builders["traced"] = build_application
+        base = base.model_copy(update={"trace_sample_rate": 0.0})
     apps = {(label, cache): f"/{label}-cache{cache}" for label in builders for cache in args.cache_sizes}
     rows = []
     for key, value in proxy_environment(base).items():
@@ -158,6 +164,8 @@ def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, An
         t0 = time.perf_counter()
         for (label, cache), prefix in apps.items():
             settings = base.model_copy(update={"style_cache_size": cache})
+            if label == "traced":
+                settings = settings.model_copy(update={"trace_sample_rate": 1.0})
             serve.run(builders[label](settings), name=f"bench-{label}-cache{cache}", route_prefix=prefix,
                       blocking=False)
         print(f"{len(apps)} apps ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -265,16 +273,32 @@ def _import_callable(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def baseline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """p50 of the current app over the baseline's, per volume size and cache setting (1.0 = no change)."""
+def baseline_ratios(rows: list[dict[str, Any]], over: str = "current", under: str = "baseline") -> list[dict[str, Any]]:
+    """p50 of the ``over`` app over the ``under`` app's, per volume size and cache setting (1.0 = no change)."""
     by_key = {(r["app"], r["size"], r["style_cache_size"]): r for r in rows}
     out = []
     for (app, size, cache), row in by_key.items():
-        base = by_key.get(("baseline", size, cache))
-        if app == "current" and base:
+        base = by_key.get((under, size, cache))
+        if app == over and base:
             out.append({"size": size, "style_cache_size": cache, "p50_ratio": row["p50_ms"] / base["p50_ms"],
-                        "mean_ratio": row["mean_ms"] / base["mean_ms"]})
+                        "mean_ratio": row["mean_ms"] / base["mean_ms"], "of": f"{over}/{under}"})
     return out
+
+
+def give_tracking_home(run_dir: Path, root: Path) -> str:
+    """Put a random model's run folder in a local MLflow store (a finished training run), so the endpoint
+    traces its requests there (``--tracing``)."""
+    from hypersort_ray.mlflow_store import artifact_location
+    from hypersort_ray.runs import RunDir
+    from hypersort_ray.tracking.mlflow_logger import RunLogger
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    logger = RunLogger(uri)
+    logger.start("hypersort-bench", "random-model", artifact_location=artifact_location(uri))
+    logger.end("FINISHED")
+    run = RunDir(run_dir)
+    run.write_summary({**run.read_summary(), "mlflow_run_id": logger.run_id, "tracking_uri": uri})
+    return uri
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -302,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", metavar="MODULE:FUNCTION",
                    help="Also serve apps built by this callable (settings -> Serve app; e.g. an older copy of "
                    "hypersort_ray.serve.app:build_application on PYTHONPATH) and report current/baseline p50.")
+    p.add_argument("--tracing", action="store_true",
+                   help="Also serve an app whose every request is traced to a local MLflow store; report traced/"
+                   "untraced p50 (the model gets a training run in that store).")
     p.add_argument("--no-serve", action="store_true", help="Skip the HTTP benchmark (probe only).")
     p.add_argument("--json", type=Path, help="Write the results here.")
     args = p.parse_args(argv)
@@ -311,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="hypersort-bench-") as tmp:
         model_ref = args.model or str(make_random_model(Path(tmp) / "run"))
+        if args.tracing:
+            give_tracking_home(Path(model_ref), Path(tmp))
         result: dict[str, Any] = {
             "model": args.model or "random demo-size model (default config)",
             "cpu_count": os.cpu_count(),
@@ -320,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             result["serving"] = bench_serving(args, model_ref)
             print_table(result["serving"])
             result["baseline_ratios"] = baseline_ratios(result["serving"])
+            if args.tracing:
+                result["tracing_ratios"] = baseline_ratios(result["serving"], "traced", "current")
+                for ratio in result["tracing_ratios"]:
+                    print(f"traced / untraced at {ratio['size']}^3, cache {ratio['style_cache_size']}: "
+                          f"p50 {ratio['p50_ratio']:.3f}, mean {ratio['mean_ratio']:.3f}")
             for ratio in result["baseline_ratios"]:
                 print(f"current / baseline at {ratio['size']}^3, cache {ratio['style_cache_size']}: "
                       f"p50 {ratio['p50_ratio']:.3f}, mean {ratio['mean_ratio']:.3f}")

@@ -323,13 +323,17 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback bind without a token (not advised).")
     ] = False,
+    pin_version: Annotated[
+        bool, typer.Option("--pin-version", help="models:/NAME@ALIAS: serve the version the alias names now; do "
+                           "not follow later moves.")
+    ] = False,
 ) -> None:
     """Run the latent-conditioned segmentation endpoint on Ray Serve (Ctrl-C stops it)."""
     from hypersort_ray.config import load_serve_settings
     from hypersort_ray.serve.app import run_server
 
     values: dict[str, Any] = {"model": model, "host": host, "port": port, "tracking_uri": tracking_uri,
-                              "insecure_no_auth": insecure_no_auth or None}
+                              "insecure_no_auth": insecure_no_auth or None, "pin_version": pin_version or None}
     if device != "cpu":
         values["num_gpus"] = 1 if _device(device).startswith("cuda") else None
     run_server(load_serve_settings(config, list(overrides or []), values), address=address)

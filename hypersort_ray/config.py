@@ -381,6 +381,18 @@ class ServeSettings(_Strict):
     api_docs: bool = Field(
         False, description="Serve the Swagger page at /docs (it loads its assets from a CDN); /openapi.json always."
     )
+    follow_alias_s: PositiveFloat = Field(
+        30.0, description="models:/NAME@ALIAS: seconds between two checks of the alias; a new version is "
+        "loaded, warmed up and swapped in with no failed request."
+    )
+    pin_version: bool = Field(False, description="Resolve the alias once at start and never follow it (--pin-version).")
+    trace_sample_rate: Probability = Field(
+        1.0, description="Fraction of requests logged as MLflow traces (metrics count every request); 0: none."
+    )
+    trace_queue_size: PositiveInt = Field(
+        1000, description="Traces waiting for the MLflow writer; more are dropped and counted, never waited for."
+    )
+    metrics_interval_s: PositiveFloat = Field(30.0, description="Seconds between two points of the serving run's metrics.")
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -252,7 +252,7 @@ class HyperSortModel:
             source=source,
         )
 
-    def predict_processed(self, image: Any, latent: Sequence[float]):
+    def predict_processed(self, image: Any, latent: Sequence[float], *, net: Any = None):
         """Class probabilities ``(K, *spatial)`` (CPU tensor) for a preprocessed image ``(C, *spatial)``.
 
         On a GPU only the windows travel: the volume stays in host memory, and the stitched logits too
@@ -262,7 +262,7 @@ class HyperSortModel:
         import torch
         from monai.inferers import sliding_window_inference
 
-        net = self.unet_for(latent)
+        net = self.unet_for(latent) if net is None else net
         roi = tuple(int(r) for r in self.config.preprocessing.roi_size)
         x = torch.as_tensor(image).float()
         if hasattr(x, "as_tensor"):  # MetaTensor → plain tensor: no meta bookkeeping in the UNet
@@ -279,15 +279,18 @@ class HyperSortModel:
             logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
             return torch.softmax(logits.float(), dim=1)[0].cpu()
 
-    def predict_prepared(self, prepared: PreparedInput, latent: Sequence[float], *, probabilities: bool = False) -> dict[str, Any]:
-        """Segment a :class:`PreparedInput` with one latent; arrays in the input's grid.
+    def predict_prepared(
+        self, prepared: PreparedInput, latent: Sequence[float], *, probabilities: bool = False, net: Any = None
+    ) -> dict[str, Any]:
+        """Segment a :class:`PreparedInput` with one latent (``net``: its UNet, when the caller already
+        generated it); arrays in the input's grid.
 
         Returns:
             ``{"mask": (*shape) uint8, "probabilities": (K, *shape) float32 (when asked)}``.
         """
         from hypersort_ray.data.transforms import invert_to_original
 
-        probs = self.predict_processed(prepared.prepared.image, latent)
+        probs = self.predict_processed(prepared.prepared.image, latent, net=net)
         restored = invert_to_original(probs, prepared.prepared, self.config.preprocessing)
         restored = np.asarray(restored, dtype=np.float32)
         # Linear resampling keeps convex combinations, but voxels the processed grid does not cover get

@@ -28,6 +28,13 @@ Design:
   multipart parser reads anything. Every error is one JSON shape with the request id
   (:mod:`hypersort_ray.serve.wire`); details go to the server log under that id.
 
+* A deployment of ``models:/NAME@ALIAS`` follows the alias (:mod:`hypersort_ray.serve.follow`): a new
+  version is loaded and warmed up beside the old one, then swapped in; each request uses the model it
+  started with, and ``X-Model-Version`` / ``/v1/model`` name the version that answered.
+* Every request is timed stage by stage and handed to :mod:`hypersort_ray.serve.telemetry`, which logs
+  MLflow traces and the deployment's serving-run metrics from a background thread (never image data,
+  file names or anything that identifies a patient; a dead tracking server never delays a request).
+
 Entry points: :func:`run_server` (``hypersort serve``), :func:`build_app` (Serve config files:
 ``import_path: hypersort_ray.serve.app:build_app``), :func:`build_application` (a bound application for
 ``serve.run``).
@@ -72,6 +79,7 @@ from hypersort_ray.serve.deadline import (
     install_forward_hook,
     run_with_token,
 )
+from hypersort_ray.serve.follow import AliasFollower, parse_alias_uri, resolve_alias
 from hypersort_ray.serve.middleware import (
     PROXY_CALLBACK,
     PROXY_MAX_BODY_ENV,
@@ -98,6 +106,13 @@ from hypersort_ray.serve.schemas import (
     StylesResponse,
     StylesSummary,
 )
+from hypersort_ray.serve.telemetry import (
+    RequestRecord,
+    Telemetry,
+    TelemetryConfig,
+    model_tags,
+    start_serving_run,
+)
 from hypersort_ray.serve.validation import (
     DecodedVolume,
     RequestError,
@@ -113,7 +128,15 @@ from hypersort_ray.serve.validation import (
 )
 from hypersort_ray.serve.wire import error_body, request_id_from_headers, scrub
 
-__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "HyperSortSegmenter", "build_app", "build_application", "run_server"]
+__all__ = [
+    "APP_NAME",
+    "DEPLOYMENT_NAME",
+    "HyperSortSegmenter",
+    "build_app",
+    "build_application",
+    "run_server",
+    "stop_server",
+]
 
 # A child of Serve's logger: in a replica its lines go to the replica's Serve log (logs/serve/replica_*.log
 # under Ray's session folder) with Serve's request context; a logger of our own would be silent there.
@@ -229,6 +252,28 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
                                "id", rid), status_code=500, media_type="application/json")
 
 
+@dataclass(frozen=True)
+class _Served:
+    """The model a request is answered with, and what was derived from it (swapped whole on an alias move)."""
+
+    model: Any
+    identity: dict[str, Any]
+    limits: UploadLimits
+
+
+def _status_of(exc: BaseException) -> int:
+    """The HTTP status the exception handlers will answer ``exc`` with (for the request's trace)."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code
+    if isinstance(exc, Cancelled):
+        return 504 if exc.timed_out else CLIENT_CLOSED
+    if isinstance(exc, RequestValidationError):
+        return 422
+    return 500
+
+
 @dataclass
 class _Inputs:
     """A checked segmentation request, ready for the inference thread."""
@@ -280,18 +325,24 @@ def _parse_style_list(text: str | None) -> list[str] | None:
 )
 @serve.ingress(api)
 class HyperSortSegmenter:
-    """One replica: a loaded model, its UNet cache, a parse pool and an inference pool.
+    """One replica: the served model (followed through its alias), a parse pool, an inference pool and the
+    request telemetry.
 
     Args:
         settings: :class:`ServeSettings` (or its dict); ``model`` must be set.
         auth_required: the deployer's decision (:func:`hypersort_ray.serve.auth.resolve_auth`); a replica
             that finds no token then refuses to start.
+        serving_run: where the deployment's serving run lives (``{"tracking_uri", "experiment_id",
+            "run_id"}``, from :func:`~hypersort_ray.serve.telemetry.start_serving_run`); None: no traces.
     """
 
-    def __init__(self, settings: ServeSettings | dict[str, Any], auth_required: bool = True):
+    def __init__(
+        self,
+        settings: ServeSettings | dict[str, Any],
+        auth_required: bool = True,
+        serving_run: dict[str, str] | None = None,
+    ):
         import torch
-
-        from hypersort_ray.inference import load_model
 
         self.settings = ServeSettings.model_validate(settings)
         s = self.settings
@@ -302,7 +353,7 @@ class HyperSortSegmenter:
         use_gpu = s.num_gpus > 0
         if use_gpu and not torch.cuda.is_available():
             raise ConfigError(f"serve: num_gpus = {s.num_gpus} but this replica sees no CUDA device")
-        device = "cuda" if use_gpu else "cpu"
+        self.device = "cuda" if use_gpu else "cpu"
         cpus = max(1, int(s.num_cpus))
         # CPU replicas run one inference per CPU, each single-threaded (throughput under load beats
         # intra-op threads); a GPU replica runs one at a time and gives torch the CPUs for pre/post.
@@ -313,21 +364,89 @@ class HyperSortSegmenter:
         # never takes more than this one thread's CPU.
         self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypersort-parse")
         install_forward_hook()
-        self.model = load_model(s.model, device=device, cache_size=s.style_cache_size, tracking_uri=s.tracking_uri)
-        self.identity = describe_model(self.model)
-        self.limits = _upload_limits(s, self.model)
         self.guard = GuardSettings(
             max_body_bytes=int(s.max_body_mb * 2**20), token=token, token_sha256=digest,
             allowed_hosts=tuple(s.allowed_hosts), allowed_origins=tuple(s.allowed_origins),
         )
-        self._warm_up()
+        self.follower = None
+        self._served = self._start_model()
+        self.telemetry = self._start_telemetry(serving_run)
         logger.info(
-            "hypersort replica ready: model %s, device %s, %d inference thread(s), auth %s",
-            self.identity["model_version"], device, workers, "on" if self.guard.auth_on else "off",
+            "hypersort replica ready: model %s, device %s, %d inference thread(s), auth %s, %s",
+            self._served.identity["model_version"], self.device, workers, "on" if self.guard.auth_on else "off",
+            f"following {s.model} every {s.follow_alias_s:g} s" if self.follower else "version pinned",
         )
 
+    # ------------------------------------------------------------------------- the served model
+    @property
+    def model(self) -> Any:
+        """The model answering new requests now."""
+        return self._served.model
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self._served.identity
+
+    @property
+    def limits(self) -> UploadLimits:
+        return self._served.limits
+
+    def _start_model(self) -> _Served:
+        """Load the model; for ``models:/NAME@ALIAS`` load the version the alias names now, and follow it."""
+        s = self.settings
+        alias = parse_alias_uri(s.model)
+        if alias is None:
+            return self._load(s.model, None)
+        from hypersort_ray.mlflow_store import existing_store_uri
+
+        name, alias_name = alias
+        store = existing_store_uri(s.tracking_uri)
+        version = resolve_alias(name, alias_name, store)
+        served = self._load(f"models:/{name}/{version}", alias_name)
+        if not s.pin_version:
+            self.follower = AliasFollower(
+                name, alias_name, store, version, load=lambda v: self._load(f"models:/{name}/{v}", alias_name),
+                install=self._install, interval_s=s.follow_alias_s,
+            )
+        return served
+
+    def _load(self, ref: str, alias: str | None) -> _Served:
+        """Load, describe and warm up one model (in the follower's thread for a new version)."""
+        from hypersort_ray.inference import load_model
+
+        s = self.settings
+        model = load_model(ref, device=self.device, cache_size=s.style_cache_size, tracking_uri=s.tracking_uri)
+        identity = describe_model(model)
+        if alias:
+            identity["alias"] = alias
+        served = _Served(model, identity, _upload_limits(s, model))
+        self._warm_up(served.model)
+        return served
+
+    def _install(self, version: str, served: _Served) -> None:
+        """Swap a new version in: one reference assignment, so a request sees one version only."""
+        self._served = served
+        logger.info("now serving %s", served.identity["model_version"])
+
+    def _start_telemetry(self, serving_run: dict[str, str] | None) -> Telemetry | None:
+        s = self.settings
+        if not serving_run or s.trace_sample_rate <= 0 and not serving_run.get("run_id"):
+            return None
+        several = s.num_replicas == "auto" or s.num_replicas > 1
+        suffix = ""
+        if several:
+            try:
+                suffix = f".{serve.get_replica_context().replica_id.unique_id}"
+            except Exception:  # noqa: BLE001 - outside a replica
+                suffix = ""
+        return Telemetry(TelemetryConfig(
+            tracking_uri=serving_run["tracking_uri"], experiment_id=serving_run.get("experiment_id"),
+            serving_run_id=serving_run.get("run_id"), sample_rate=s.trace_sample_rate,
+            queue_size=s.trace_queue_size, metrics_interval_s=s.metrics_interval_s, metric_suffix=suffix,
+        ))
+
     def check_health(self) -> None:
-        if self.model is None:
+        if self._served.model is None:
             raise RuntimeError("model not loaded")
 
     def __del__(self) -> None:
@@ -335,6 +454,18 @@ class HyperSortSegmenter:
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        for name in ("follower", "telemetry"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+
+    # ------------------------------------------------------------------------------ telemetry
+    def _record(self, request: Request, route: str, served: _Served) -> RequestRecord:
+        return RequestRecord(request_id_of(request), route, tags=model_tags(served.identity))
+
+    def _submit(self, record: RequestRecord, status: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.submit(record.finish(status))
 
     # ------------------------------------------------------------------------------ helpers
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -348,29 +479,30 @@ class HyperSortSegmenter:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def _latent(self, text: str | None) -> tuple[float, ...] | None:
+    def _latent(self, served: _Served, text: str | None) -> tuple[float, ...] | None:
         """The ``latent`` field (a bounded string: parsed in place) within the learned latents' radius."""
-        values = parse_latent_field(text, self.model.latent_dim)
+        values = parse_latent_field(text, served.model.latent_dim)
         if values is not None and not self.settings.allow_extrapolation:
-            known = [(s.id, s.latent) for s in self.model.styles]
+            known = [(s.id, s.latent) for s in served.model.styles]
             check_latent_radius(values, known, self.settings.latent_radius)
         return values
 
-    async def _read_inputs(self, file: UploadFile, style: str | None, latent: str | None) -> _Inputs:
+    async def _read_inputs(self, served: _Served, file: UploadFile, style: str | None, latent: str | None) -> _Inputs:
         style = style.strip() if style else None
-        latent_values = self._latent(latent)
+        latent_values = self._latent(served, latent)
         if style and latent_values is not None:
             raise RequestError(422, "give either a style or a latent, not both")
         if style:
-            self._style(style)
+            self._style(served, style)
         payload = await file.read()
-        await self._parse(check_upload, payload, self.limits)
+        await self._parse(check_upload, payload, served.limits)
         return _Inputs(payload, file.filename or "image.nii.gz", style, latent_values)
 
-    def _style(self, style_id: str):
+    @staticmethod
+    def _style(served: _Served, style_id: str):
         """The model's style (its own ids and aliases, e.g. the main cluster's id), else 404."""
         try:
-            return self.model.style(style_id)
+            return served.model.style(style_id)
         except HypersortError as exc:
             raise RequestError(404, scrub(str(exc))) from None
 
@@ -402,44 +534,61 @@ class HyperSortSegmenter:
             raise RequestError(500, "internal server error; the server log has the details under this "
                                "request id", log_detail=trace) from None
 
-    def _decode(self, payload: bytes) -> DecodedVolume:
-        volume = decode_nifti(payload, max_voxels=self.limits.max_voxels, spatial_dims=self.model.spatial_dims,
-                              checkpoint=checkpoint)
-        plan_for(volume.array.shape, volume.affine, self.limits, volume.header.bytes_per_voxel)
+    @staticmethod
+    def _decode(served: _Served, payload: bytes, record: RequestRecord) -> DecodedVolume:
+        with record.span("decode"):
+            volume = decode_nifti(payload, max_voxels=served.limits.max_voxels,
+                                  spatial_dims=served.model.spatial_dims, checkpoint=checkpoint)
+            plan_for(volume.array.shape, volume.affine, served.limits, volume.header.bytes_per_voxel)
+        zooms = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
+        record.tags.update(input_shape=json.dumps([int(v) for v in volume.array.shape]),
+                           input_spacing=json.dumps([round(float(z), 4) for z in zooms]))
         return volume
 
-    def _prepare(self, volume: DecodedVolume) -> tuple[Any, float]:
+    @staticmethod
+    def _prepare(served: _Served, volume: DecodedVolume, record: RequestRecord) -> tuple[Any, float]:
         """Preprocess once (a request for every style reuses it); returns (prepared, milliseconds)."""
         t0 = time.perf_counter()
-        prepared = self.model.prepare(volume.array, volume.affine)
+        with record.span("preprocess"):
+            prepared = served.model.prepare(volume.array, volume.affine)
         checkpoint()
         return prepared, (time.perf_counter() - t0) * 1000.0
 
-    def _predict(self, volume: DecodedVolume, prepared: Any, style: str | None, latent: tuple[float, ...] | None) -> dict[str, Any]:
+    @staticmethod
+    def _predict(served: _Served, volume: DecodedVolume, prepared: Any, style: str | None,
+                 latent: tuple[float, ...] | None, record: RequestRecord) -> dict[str, Any]:
         checkpoint()
         t0 = time.perf_counter()
-        result = self.model.predict(
-            prepared, style=style if latent is None else None, latent=list(latent) if latent is not None else None
-        )
-        result["inference_ms"] = (time.perf_counter() - t0) * 1000.0
+        model = served.model
+        values, used = model.resolve(style if latent is None else None, list(latent) if latent is not None else None)
+        with record.span("generate_unet", style=str(used)) as attrs:
+            hits = model.cache_hits
+            net = model.unet_for(values)
+            attrs["cache_hit"] = model.cache_hits > hits
+        record.cache_hit = bool(attrs["cache_hit"]) if record.cache_hit is None else record.cache_hit
+        checkpoint()
+        with record.span("sliding_window", style=str(used)):
+            result = model.predict_prepared(prepared, values, net=net)
+        result.update(style=used, latent=list(values), inference_ms=(time.perf_counter() - t0) * 1000.0)
         mask = np.asarray(result["mask"])
         if mask.shape != volume.array.shape:
             raise RuntimeError(f"model returned a mask of shape {mask.shape} for an image of shape {volume.array.shape}")
         result["mask"] = mask.astype(np.uint8, copy=False).reshape(volume.shape)
         return result
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, model: Any) -> None:
         """One tiny prediction: pays the one-off imports (MONAI, SciPy: ~10 s) and builds the main UNet."""
-        roi = tuple(int(r) for r in self.model.config.preprocessing.roi_size)
+        roi = tuple(int(r) for r in model.config.preprocessing.roi_size)
         image = np.random.default_rng(0).random(roi, dtype=np.float32)
-        self.model.predict(image, style=self.model.styles[0].id)
+        model.predict(image, style=model.styles[0].id)
 
-    def _summary(self, volume: DecodedVolume, result: dict[str, Any], include_mask: bool) -> SegmentSummary:
+    @staticmethod
+    def _summary(served: _Served, volume: DecodedVolume, result: dict[str, Any], include_mask: bool) -> SegmentSummary:
         mask = result["mask"]
         labels, counts = np.unique(mask, return_counts=True)
         class_voxels = {str(int(k)): int(v) for k, v in zip(labels, counts, strict=True)}
         fg = int(mask.size - class_voxels.get("0", 0))
-        vml = voxel_volume_ml(volume.affine, self.model.spatial_dims)
+        vml = voxel_volume_ml(volume.affine, served.model.spatial_dims)
         return SegmentSummary(
             style=str(result["style"]),
             latent=[float(v) for v in result["latent"]],
@@ -448,21 +597,22 @@ class HyperSortSegmenter:
             volume_ml=fg * vml,
             voxel_volume_ml=vml,
             class_voxels=class_voxels,
-            model_version=self.identity["model_version"],
+            model_version=served.identity["model_version"],
             inference_ms=round(float(result["inference_ms"]), 3),
             mask_base64=base64.b64encode(encode_mask(mask, volume)).decode() if include_mask else None,
         )
 
-    def _headers(self, **extra: str) -> dict[str, str]:
-        headers = {"X-Model-Version": header_value(self.identity["model_version"])}
+    @staticmethod
+    def _headers(served: _Served, **extra: str) -> dict[str, str]:
+        headers = {"X-Model-Version": header_value(served.identity["model_version"])}
         headers.update({k: header_value(v) for k, v in extra.items()})
         return headers
 
-    def _styles_to_run(self, requested: str | None) -> list[Any]:
+    def _styles_to_run(self, served: _Served, requested: str | None) -> list[Any]:
         """The styles a /v1/segment/styles request runs: the named ones, or all; at most the server's cap."""
         cap = self.settings.max_styles_per_request
         names = _parse_style_list(requested)
-        styles = [self._style(n) for n in names] if names is not None else list(self.model.styles)
+        styles = [self._style(served, n) for n in names] if names is not None else list(served.model.styles)
         unique = list({s.id: s for s in styles}.values())
         if len(unique) > cap:
             raise RequestError(
@@ -475,7 +625,7 @@ class HyperSortSegmenter:
     @api.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz(self) -> HealthResponse:
         """Liveness: answers while inference is running (never behind a token; no model details)."""
-        return HealthResponse(model_loaded=self.model is not None)
+        return HealthResponse(model_loaded=self._served.model is not None)
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> Response:
@@ -487,15 +637,16 @@ class HyperSortSegmenter:
 
     @api.get("/v1/styles", response_model=StylesResponse, tags=["model"], responses={401: _ERRORS[401]})
     async def styles(self, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> StylesResponse:
-        """The annotation styles this model knows: ids, cluster sizes, centroids; ``main`` is λ = 0."""
+        """The annotation styles of the version serving now: ids, sizes, centroids; ``main`` is λ = 0."""
         self._authorize(credentials)
-        main = self.model.styles[0]
+        model = self._served.model
+        main = model.styles[0]
         return StylesResponse(
             main_style=main.id,
-            latent_dim=self.model.latent_dim,
+            latent_dim=model.latent_dim,
             styles=[
                 StyleInfo(id=s.id, name=s.name, size=s.size, centroid=list(s.latent), is_main=s.id == main.id)
-                for s in self.model.styles
+                for s in model.styles
             ],
         )
 
@@ -503,16 +654,18 @@ class HyperSortSegmenter:
     async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> ModelResponse:
         """Which model answers: registry name/version, source, latent size, network and preprocessing."""
         self._authorize(credentials)
-        cfg = self.model.config
+        served = self._served
+        model, identity = served.model, served.identity
+        cfg = model.config
         pre = cfg.preprocessing
         return ModelResponse(
-            registry_name=self.identity["registry_name"],
-            registry_version=self.identity["registry_version"],
-            model_version=self.identity["model_version"],
-            source=public_source(str(self.identity["source"] or "")),
-            latent_dim=self.model.latent_dim,
-            spatial_dims=self.model.spatial_dims,
-            num_styles=len(self.model.styles),
+            registry_name=identity["registry_name"],
+            registry_version=identity["registry_version"],
+            model_version=identity["model_version"],
+            source=public_source(str(identity["source"] or "")),
+            latent_dim=model.latent_dim,
+            spatial_dims=model.spatial_dims,
+            num_styles=len(model.styles),
             config=ConfigSummary(
                 network=cfg.model.unet.model_dump(mode="json"),
                 hypernet=cfg.model.hypernet.model_dump(mode="json"),
@@ -521,10 +674,8 @@ class HyperSortSegmenter:
                 orientation=pre.orientation,
                 num_classes=cfg.model.unet.out_channels,
             ),
-            cache=CacheStats(
-                capacity=self.model.cache_size, hits=self.model.cache_hits, misses=self.model.cache_misses
-            ),
-            info=json.loads(json.dumps(public_info(self.model.info), default=str)),
+            cache=CacheStats(capacity=model.cache_size, hits=model.cache_hits, misses=model.cache_misses),
+            info=json.loads(json.dumps(public_info(model.info), default=str)),
         )
 
     @api.post(
@@ -541,6 +692,7 @@ class HyperSortSegmenter:
     )
     async def segment(
         self,
+        request: Request,
         file: UploadFile = File(..., description="The image: .nii or .nii.gz, single channel."),
         style: str | None = Form(None, description="`main` or a style id from /v1/styles."),
         latent: str | None = Form(None, description="An explicit latent as a JSON list, e.g. [0.1, -0.3]."),
@@ -549,17 +701,33 @@ class HyperSortSegmenter:
         credentials: HTTPAuthorizationCredentials | None = Security(_bearer),
     ):
         """Segment one volume with the UNet of a style (default ``main``) or of an explicit latent."""
+        served = self._served  # one version from start to end, whatever the alias does meanwhile
+        record = self._record(request, "/v1/segment", served)
+        try:
+            response = await self._segment(served, record, file, style, latent, fmt, include_mask, credentials)
+        except BaseException as exc:
+            self._submit(record, _status_of(exc))
+            raise
+        self._submit(record, 200)
+        return response
+
+    async def _segment(self, served, record, file, style, latent, fmt, include_mask, credentials):
         self._authorize(credentials)
-        inputs = await self._read_inputs(file, style, latent)
+        inputs = await self._read_inputs(served, file, style, latent)
+        if inputs.latent is not None:
+            record.tags["style"], record.tags["latent"] = "latent", json.dumps(list(inputs.latent))
+        else:
+            record.tags["style"] = inputs.style or "main"
 
         def work():
-            volume = self._decode(inputs.payload)
-            prepared, prep_ms = self._prepare(volume)
-            result = self._predict(volume, prepared, inputs.style or "main", inputs.latent)
+            volume = self._decode(served, inputs.payload, record)
+            prepared, prep_ms = self._prepare(served, volume, record)
+            result = self._predict(served, volume, prepared, inputs.style or "main", inputs.latent, record)
             result["inference_ms"] += prep_ms
-            if fmt == "json":
-                return self._summary(volume, result, include_mask)
-            return result, encode_mask(result["mask"], volume)
+            with record.span("encode"):
+                if fmt == "json":
+                    return self._summary(served, volume, result, include_mask)
+                return result, encode_mask(result["mask"], volume)
 
         out = await self._in_pool(work)
         if fmt == "json":
@@ -569,6 +737,7 @@ class HyperSortSegmenter:
             blob,
             media_type=NIFTI_GZ,
             headers=self._headers(
+                served,
                 **{
                     "Content-Disposition": f'attachment; filename="{safe_stem(inputs.filename)}_mask.nii.gz"',
                     "X-Style": str(result["style"]),
@@ -597,6 +766,7 @@ class HyperSortSegmenter:
     )
     async def segment_styles(
         self,
+        request: Request,
         file: UploadFile = File(..., description="The image: .nii or .nii.gz, single channel."),
         styles: str | None = Form(
             None, description="Comma-separated style ids (default: every style, up to max_styles_per_request)."
@@ -605,26 +775,41 @@ class HyperSortSegmenter:
         credentials: HTTPAuthorizationCredentials | None = Security(_bearer),
     ):
         """One mask per style, for a human to pick the best (the paper's human-in-the-loop use)."""
+        served = self._served
+        record = self._record(request, "/v1/segment/styles", served)
+        try:
+            response = await self._segment_styles(served, record, file, styles, fmt, credentials)
+        except BaseException as exc:
+            self._submit(record, _status_of(exc))
+            raise
+        self._submit(record, 200)
+        return response
+
+    async def _segment_styles(self, served, record, file, styles, fmt, credentials):
         self._authorize(credentials)
-        chosen = self._styles_to_run(styles)
-        inputs = await self._read_inputs(file, None, None)
+        chosen = self._styles_to_run(served, styles)
+        record.tags["style"] = ",".join(s.id for s in chosen)
+        inputs = await self._read_inputs(served, file, None, None)
         stem = safe_stem(inputs.filename)
 
+        def summarize(volume, result, include_mask):
+            return self._summary(served, volume, result, include_mask)
+
         def work():
-            volume = self._decode(inputs.payload)
-            prepared, prep_ms = self._prepare(volume)
-            results = [self._predict(volume, prepared, s.id, None) for s in chosen]
+            volume = self._decode(served, inputs.payload, record)
+            prepared, prep_ms = self._prepare(served, volume, record)
+            results = [self._predict(served, volume, prepared, s.id, None, record) for s in chosen]
             total_ms = prep_ms + sum(r["inference_ms"] for r in results)
-            if fmt == "json":
-                summaries = [self._summary(volume, r, False) for r in results]
-                return StylesSummary(
-                    model_version=self.identity["model_version"], inference_ms=round(total_ms, 3), results=summaries
-                )
-            if fmt == "nifti4d":
-                spatial = volume.array.shape
-                stacked = np.stack([r["mask"].reshape(spatial) for r in results], axis=-1)
-                return results, total_ms, encode_mask(stacked, volume, shape=stacked.shape)
-            return results, total_ms, zip_masks(stem, volume, results, self._summary)
+            with record.span("encode"):
+                if fmt == "json":
+                    summaries = [summarize(volume, r, False) for r in results]
+                    return StylesSummary(model_version=served.identity["model_version"],
+                                         inference_ms=round(total_ms, 3), results=summaries)
+                if fmt == "nifti4d":
+                    spatial = volume.array.shape
+                    stacked = np.stack([r["mask"].reshape(spatial) for r in results], axis=-1)
+                    return results, total_ms, encode_mask(stacked, volume, shape=stacked.shape)
+                return results, total_ms, zip_masks(stem, volume, results, summarize)
 
         out = await self._in_pool(work)
         if fmt == "json":
@@ -639,6 +824,7 @@ class HyperSortSegmenter:
             blob,
             media_type=media,
             headers=self._headers(
+                served,
                 **{
                     "Content-Disposition": f'attachment; filename="{name}"',
                     "X-Styles": ids,
@@ -685,18 +871,32 @@ def deployment_options(settings: ServeSettings, plan: AuthPlan | None = None) ->
     return options
 
 
+def serving_params(settings: ServeSettings) -> dict[str, Any]:
+    """What the serving run records about the deployment: the model, replicas, limits, tracing."""
+    keys = ("model", "num_replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "max_queued_requests",
+            "num_cpus", "num_gpus", "style_cache_size", "max_body_mb", "max_voxels", "max_inference_memory_mb",
+            "max_styles_per_request", "latent_radius", "allow_extrapolation", "request_timeout_s",
+            "follow_alias_s", "pin_version", "trace_sample_rate", "metrics_interval_s")
+    data = settings.model_dump(mode="json")
+    return {k: data[k] for k in keys}
+
+
 def build_application(settings: ServeSettings, plan: AuthPlan | None = None):
     """The bound Serve application for ``settings`` (``serve.run(build_application(s))``).
 
     ``plan`` defaults to what this process's environment says (:func:`resolve_auth`): with the token
     variable set, its digest reaches the replicas; without it, replicas must find the token themselves or
-    fail to start, unless ``insecure_no_auth``.
+    fail to start, unless ``insecure_no_auth``. The deployment's serving run is created here, once, in the
+    model's MLflow experiment (fail-soft: without it the replicas serve untraced).
     """
     if not settings.model:
         raise ConfigError("serve: no model given (--model RUN_DIR|MODEL_URI)")
     plan = plan or resolve_auth(settings.auth_token_env, settings.insecure_no_auth)
+    serving_run = None
+    if settings.trace_sample_rate > 0 or settings.metrics_interval_s:
+        serving_run = start_serving_run(settings.model, settings.tracking_uri, serving_params(settings))
     return HyperSortSegmenter.options(**deployment_options(settings, plan)).bind(
-        settings.model_dump(mode="json"), plan.required
+        settings.model_dump(mode="json"), plan.required, serving_run
     )
 
 
@@ -755,7 +955,9 @@ def run_server(settings: ServeSettings, address: str | None = None, *, block: bo
     proxy_env = proxy_environment(settings)
     for key, value in proxy_env.items():
         os.environ.setdefault(key, value)
+    global _SERVER
     handle = connect(address, runtime_env={"env_vars": {k: os.environ[k] for k in proxy_env}})
+    _SERVER = handle
     url_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{url_host}:{settings.port}"
     restore = _raise_on_signals() if block else {}
@@ -834,6 +1036,7 @@ def _check_local_model(ref: str) -> None:
 
 def _stop(handle: Any) -> None:
     """Shut Serve and Ray down when this process started Ray; else remove only our application."""
+    global _SERVER
     try:
         if handle.started:
             serve.shutdown()
@@ -841,3 +1044,14 @@ def _stop(handle: Any) -> None:
             serve.delete(APP_NAME)
     finally:
         handle.close()
+        _SERVER = None
+
+
+#: The Ray this process's :func:`run_server` ``(block=False)`` started or joined (for :func:`stop_server`).
+_SERVER: Any = None
+
+
+def stop_server() -> None:
+    """Stop what ``run_server(..., block=False)`` started: only our application on a joined cluster."""
+    if _SERVER is not None:
+        _stop(_SERVER)

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from helpers_model import make_tiny_run, tiny_image
+from helpers_servers import free_port as _free_port
+from helpers_servers import mlflow_server as start_mlflow_server
 
 from hypersort_ray.errors import ModelError, ProvenanceError
 from hypersort_ray.inference import export_cli, load_exported_unet, load_model, predict_cli
@@ -152,51 +151,11 @@ def model(run_dir):
     return load_model(run_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 with SQLite + proxied artifacts; stopped (process group) at the end."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    args = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in the finalizer
-    proc = subprocess.Popen(args, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not ready after 300 s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), env=_env()) as server:
+        yield server.url
 
 
 # ------------------------------------------------------------------------------ embedded registry
