@@ -1028,10 +1028,16 @@ def _raise_on_signals() -> dict[int, Any]:
 
 
 def _check_local_model(ref: str) -> None:
-    if "://" in ref or ref.startswith(("models:/", "runs:/")):
+    """A local model is checked before Ray starts: it exists, every file matches its checksum, and its
+    styles belong to its checkpoint (ProvenanceError otherwise) — a replica would fail on it anyway."""
+    from hypersort_ray.mlflow_store import is_mlflow_uri
+    from hypersort_ray.runs.model_dir import read_model_files
+
+    if is_mlflow_uri(ref):
         return
     if not Path(ref).exists():
         raise ConfigError(f"serve: --model {ref}: no such run folder or model folder")
+    read_model_files(ref)
 
 
 def _stop(handle: Any) -> None:

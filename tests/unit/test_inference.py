@@ -462,3 +462,29 @@ def test_cli_predict_and_export_flags(run_dir, tmp_path):
                                    "--out", str(tmp_path / "u.safetensors"), "--json"])
     assert exported.exit_code == 0, exported.output
     assert json.loads(exported.stdout)["style"] == "2"
+
+
+def test_predict_serve_and_register_refuse_styles_of_another_checkpoint(tmp_path):
+    """The three consumers of a run's styles refuse a styles.json fitted on another checkpoint, before
+    doing any work (serve: before Ray starts; register: before anything reaches the registry)."""
+    from typer.testing import CliRunner
+
+    from hypersort_ray.cli import app
+    from hypersort_ray.config import ServeSettings
+    from hypersort_ray.serve.app import run_server
+    from hypersort_ray.tracking.registry import register_run
+
+    first = RunDir(make_tiny_run(tmp_path, name="a", seed=1))
+    second = RunDir(make_tiny_run(tmp_path, name="b", seed=2))
+    second.analysis.styles_json.write_bytes(first.analysis.styles_json.read_bytes())
+    result = CliRunner().invoke(app, ["predict", "--model", str(second.path), "--image", str(tiny_image(second.path)),
+                                      "--out", str(tmp_path / "m.nii.gz")])
+    assert isinstance(result.exception, ProvenanceError) and not (tmp_path / "m.nii.gz").exists()
+    with pytest.raises(ProvenanceError):
+        run_server(ServeSettings(model=str(second.path)), block=False)
+    import ray
+
+    assert not ray.is_initialized(), "refused before Ray started"
+    with pytest.raises(ProvenanceError):
+        register_run(second.path, "x", tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
+    assert not (tmp_path / "never.db").exists()
