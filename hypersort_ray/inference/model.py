@@ -98,6 +98,10 @@ class HyperSortModel:
     aliases: dict[str, str] = field(default_factory=dict)
     #: stitched outputs larger than this stay in host memory when the windows run on a GPU
     gpu_stitch_limit_bytes: int = 2 << 30
+    #: run a lone window (a volume that fits one window, or the last partial window batch) as a batch of
+    #: two copies: on CPU, oneDNN takes a slow path for small batch-1 3D convolutions (measured 3x slower
+    #: than a batch of 2 at 32³, not at 64³); :meth:`calibrate_single_window` decides by timing both
+    pad_single_windows: bool = False
 
     def __post_init__(self) -> None:
         if self.cache_size < 0:
@@ -271,13 +275,40 @@ class HyperSortModel:
         device = torch.device(self.device)
         stitched = self.num_classes * x[0, 0].numel() * 4 * 2  # logits + the overlap weights, float32
         out_device = device if device.type == "cpu" or stitched <= self.gpu_stitch_limit_bytes else torch.device("cpu")
+        predictor = _pad_lone_windows(net) if self.pad_single_windows else net
         with torch.no_grad():
             logits = sliding_window_inference(
-                x, roi, self.sw_batch_size, net, overlap=self.overlap, mode="gaussian",
+                x, roi, self.sw_batch_size, predictor, overlap=self.overlap, mode="gaussian",
                 sw_device=device, device=out_device,
             )
             logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
             return torch.softmax(logits.float(), dim=1)[0].cpu()
+
+    def calibrate_single_window(self, repeats: int = 3) -> bool:
+        """Time a lone ROI window as batch 1 and as a batch of two copies (main style, this device) and set
+        :attr:`pad_single_windows` when the pair is faster; returns the decision. CPU only (GPUs have no such
+        path); costs a few forward passes (the serving replica does it once, at warm-up)."""
+        import time
+
+        import torch
+
+        if torch.device(self.device).type != "cpu":
+            self.pad_single_windows = False
+            return False
+        net = self.unet_for(self.resolve("main")[0])
+        roi = tuple(int(r) for r in self.config.preprocessing.roi_size)
+        one = torch.randn(1, self.in_channels, *roi, generator=torch.Generator().manual_seed(0))
+        two = torch.cat([one, one])
+        best = {1: float("inf"), 2: float("inf")}
+        with torch.no_grad():
+            net(one), net(two)
+            for _ in range(repeats):
+                for x in (one, two):
+                    t0 = time.perf_counter()
+                    net(x)
+                    best[x.shape[0]] = min(best[x.shape[0]], time.perf_counter() - t0)
+        self.pad_single_windows = best[2] < best[1]
+        return self.pad_single_windows
 
     def predict_prepared(
         self, prepared: PreparedInput, latent: Sequence[float], *, probabilities: bool = False, net: Any = None
@@ -355,6 +386,18 @@ class HyperSortModel:
             result["probabilities_path"] = str(path)
         result["path"] = str(out)
         return result
+
+
+def _pad_lone_windows(net: Any):
+    """``net`` with a batch of one window run as two copies (see ``HyperSortModel.pad_single_windows``)."""
+    import torch
+
+    def predictor(x):
+        if x.shape[0] != 1:
+            return net(x)
+        return net(torch.cat([x, x]))[:1]
+
+    return predictor
 
 
 def _array_geometry(affine: np.ndarray, shape: tuple[int, ...]) -> NiftiGeometry:

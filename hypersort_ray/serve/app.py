@@ -577,10 +577,13 @@ class HyperSortSegmenter:
         return result
 
     def _warm_up(self, model: Any) -> None:
-        """One tiny prediction: pays the one-off imports (MONAI, SciPy: ~10 s) and builds the main UNet."""
+        """One tiny prediction: pays the one-off imports (MONAI, SciPy: ~10 s) and builds the main UNet;
+        then times whether lone windows run faster as a pair of copies on this machine."""
         roi = tuple(int(r) for r in model.config.preprocessing.roi_size)
         image = np.random.default_rng(0).random(roi, dtype=np.float32)
         model.predict(image, style=model.styles[0].id)
+        if model.calibrate_single_window():
+            logger.info("lone sliding windows run as a batch of two copies (faster on this CPU)")
 
     @staticmethod
     def _summary(served: _Served, volume: DecodedVolume, result: dict[str, Any], include_mask: bool) -> SegmentSummary:

@@ -488,3 +488,20 @@ def test_predict_serve_and_register_refuse_styles_of_another_checkpoint(tmp_path
     with pytest.raises(ProvenanceError):
         register_run(second.path, "x", tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
     assert not (tmp_path / "never.db").exists()
+
+
+def test_lone_windows_as_a_pair_give_the_same_segmentation(model):
+    """A volume that fits one window, run as a batch of two copies (the CPU fast path), segments the same."""
+    image = _phantom((16, 16, 16))
+    prepared = model.prepare(image, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    latent = model.resolve("2")[0]
+    model.pad_single_windows = False
+    plain = model.predict_prepared(prepared, latent, probabilities=True)
+    model.pad_single_windows = True
+    try:
+        paired = model.predict_prepared(prepared, latent, probabilities=True)
+    finally:
+        model.pad_single_windows = False
+    np.testing.assert_allclose(paired["probabilities"], plain["probabilities"], atol=1e-3)
+    np.testing.assert_array_equal(paired["mask"], plain["mask"])
+    assert isinstance(model.calibrate_single_window(repeats=1), bool)
