@@ -19,6 +19,8 @@ Usage::
     PYTHONPATH=/tmp/old python benchmarks/serve.py --sizes 64 --cache-sizes 32 --baseline old_serve.app:build_application
     # same run, requests traced to MLflow (a local store) vs not traced:
     python benchmarks/serve.py --sizes 64 --cache-sizes 32 --tracing
+    # the endpoint beside its floor (bare sliding-window forward, 1 thread) and under 1/4/8 clients:
+    python benchmarks/serve.py --sizes 64 128 --cache-sizes 32 --concurrency 1 4 8 --floor --probe-threads
 
 Numbers depend on what else runs on the machine: the JSON records the load average before and after.
 """
@@ -169,14 +171,14 @@ def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, An
             serve.run(builders[label](settings), name=f"bench-{label}-cache{cache}", route_prefix=prefix,
                       blocking=False)
         print(f"{len(apps)} apps ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        for size in args.sizes:
-            n = args.requests if size <= 64 else max(4, args.requests // 3)
+        for size, concurrency in [(size, c) for size in args.sizes for c in args.concurrency]:
+            n = max(args.requests if size <= 64 else max(4, args.requests // 3), concurrency * 3)
             acc = {key: ([], [], 0, 0.0) for key in apps}
             for prefix in apps.values():  # warm-up: one request per style
                 send_requests(url + prefix, payloads[size], styles, len(styles), 1)
             done = 0
             while done < n:
-                step = min(args.concurrency, n - done)
+                step = min(concurrency, n - done)
                 for key, prefix in apps.items():
                     lat, srv, err, wall = send_requests(url + prefix, payloads[size], styles, step, step, start=done)
                     a = acc[key]
@@ -184,7 +186,7 @@ def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, An
                 done += step
             for (label, cache), (lat, srv, err, wall) in acc.items():
                 row = {
-                    "app": label, "size": size, "style_cache_size": cache, "concurrency": args.concurrency,
+                    "app": label, "size": size, "style_cache_size": cache, "concurrency": concurrency,
                     "requests": n,
                     "errors": err, "p50_ms": _percentile(lat, 50), "p95_ms": _percentile(lat, 95),
                     "p99_ms": _percentile(lat, 99), "mean_ms": statistics.fmean(lat), "requests_per_s": n / wall,
@@ -198,6 +200,48 @@ def bench_serving(args: argparse.Namespace, model_ref: str) -> list[dict[str, An
             serve.shutdown()
         finally:
             ray.shutdown()
+    return rows
+
+
+def floor_ms(model_ref: str, size: int, repeats: int = 5, threads: int = 1, sw_batch_size: int | None = None) -> dict[str, float]:
+    """The floor of one request, in-process with the replica's thread count: the bare sliding-window
+    forward of the same generated UNet on the same volume (already preprocessed), and the whole
+    ``HyperSortModel.predict`` (preprocessing, windows, inverse geometry) — median of ``repeats``."""
+    import torch
+
+    from hypersort_ray.inference import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_ref)
+    if sw_batch_size is not None:
+        model.sw_batch_size = sw_batch_size
+    model.calibrate_single_window()
+    spacing = model.config.preprocessing.spacing
+    volume = np.random.default_rng(size).random((size,) * 3, dtype=np.float32)
+    affine = np.diag([*(spacing or [1.0] * 3), 1.0])
+    latent = model.resolve("main")[0]
+    prepared = model.prepare(volume, affine)
+    model.predict_processed(prepared.prepared.image, latent)
+    bare, whole = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.predict_processed(prepared.prepared.image, latent)
+        bare.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        model.predict(volume, affine=affine, latent=list(latent))
+        whole.append((time.perf_counter() - t0) * 1000)
+    return {"bare_forward_ms": statistics.median(bare), "predict_ms": statistics.median(whole)}
+
+
+def probe_threads(model_ref: str, size: int, threads: list[int], sw_sizes: list[int]) -> list[dict[str, Any]]:
+    """Bare forward time per setting of torch threads × ``sw_batch_size`` (what the replica's defaults
+    should be, measured rather than assumed)."""
+    rows = []
+    for t in threads:
+        for sw in sw_sizes:
+            rows.append({"threads": t, "sw_batch_size": sw, **floor_ms(model_ref, size, repeats=3, threads=t,
+                                                                        sw_batch_size=sw)})
+            print(f"  threads {t}, sw_batch_size {sw}: {rows[-1]['bare_forward_ms']:.0f} ms", file=sys.stderr)
     return rows
 
 
@@ -302,15 +346,15 @@ def give_tracking_home(run_dir: Path, root: Path) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'app':>9} {'volume':>8} {'cache':>6} {'n':>4} {'err':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-            f"{'req/s':>7} {'server p50':>11}")
+    head = (f"{'app':>9} {'volume':>8} {'cache':>6} {'conc':>5} {'n':>4} {'err':>4} {'p50 ms':>9} {'p95 ms':>9} "
+            f"{'p99 ms':>9} {'p99/p50':>8} {'req/s':>7} {'server p50':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['app']:>9} {str(r['size']) + '^3':>8} {r['style_cache_size']:>6} {r['requests']:>4} {r['errors']:>4} "
-            f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['p99_ms']:>9.0f} {r['requests_per_s']:>7.2f} "
-            f"{r['server_inference_p50_ms']:>11.0f}"
+            f"{r['app']:>9} {str(r['size']) + '^3':>8} {r['style_cache_size']:>6} {r['concurrency']:>5} "
+            f"{r['requests']:>4} {r['errors']:>4} {r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['p99_ms']:>9.0f} "
+            f"{r['p99_ms'] / r['p50_ms']:>8.2f} {r['requests_per_s']:>7.2f} {r['server_inference_p50_ms']:>11.0f}"
         )
 
 
@@ -320,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="Volume edges (voxels).")
     p.add_argument("--cache-sizes", type=int, nargs="+", default=[32, 0], help="style_cache_size values.")
     p.add_argument("--requests", type=int, default=16, help="Requests per 64³ run (a third of it for larger).")
-    p.add_argument("--concurrency", type=int, default=1, help="Requests in flight from the client.")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1], help="Requests in flight from the client "
+                   "(several values: one row each, e.g. 1 4 8).")
+    p.add_argument("--floor", action="store_true", help="Also time the bare sliding-window forward and the "
+                   "whole in-process predict of each size (the request's floor) and report HTTP p50 / floor.")
+    p.add_argument("--probe-threads", action="store_true", help="Bare forward time for threads 1, 2 × "
+                   "sw_batch_size 1, 2, 4, 8 at the largest size.")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the one replica.")
     p.add_argument("--probe-batching", action="store_true", help="Also measure what @serve.batch could gain.")
     p.add_argument("--baseline", metavar="MODULE:FUNCTION",
@@ -357,6 +406,18 @@ def main(argv: list[str] | None = None) -> int:
             for ratio in result["baseline_ratios"]:
                 print(f"current / baseline at {ratio['size']}^3, cache {ratio['style_cache_size']}: "
                       f"p50 {ratio['p50_ratio']:.3f}, mean {ratio['mean_ratio']:.3f}")
+        if args.floor:
+            # the replica runs one single-threaded inference per CPU: the floor is single-threaded too
+            result["floor"] = {size: floor_ms(model_ref, size, threads=1)
+                               for size in args.sizes}
+            for size, floor in result["floor"].items():
+                p50 = [r["p50_ms"] for r in result.get("serving", []) if r["size"] == size and r["app"] == "current"
+                       and r["concurrency"] == 1]
+                ratio = f", HTTP p50 / bare forward {p50[0] / floor['bare_forward_ms']:.2f}" if p50 else ""
+                print(f"{size}^3 floor: bare forward {floor['bare_forward_ms']:.0f} ms, in-process predict "
+                      f"{floor['predict_ms']:.0f} ms{ratio}")
+        if args.probe_threads:
+            result["threads_probe"] = probe_threads(model_ref, max(args.sizes), [1, 2], [1, 2, 4, 8])
         result["unet_generation_ms"] = unet_generation_ms(model_ref)
         print(f"\ngenerating one UNet from H (what a cache hit saves): {result['unet_generation_ms']:.1f} ms")
         if args.probe_batching:
