@@ -95,7 +95,10 @@ def test_run_folder_names_live_in_one_module():
 
 
 def test_nothing_cites_files_outside_the_repository():
-    pattern = re.compile(r"\.\./shared|shared/(CLI|DESIGN|STACK_NOTES|paper|hooks|tools)|STACK_NOTES")
+    # The briefs the project was started from live outside the repository; spelled in pieces so that this
+    # test does not cite them itself.
+    briefs = "|".join(["CLI", "DESIGN", "STACK" + "_NOTES", "paper", "hooks", "tools"])
+    pattern = re.compile(rf"\.\./shared|shared/({briefs})|STACK{'_'}NOTES")
     hits = []
     for path in [*ROOT.glob("*.md"), *(ROOT / "docs").rglob("*.md"), *PACKAGE.rglob("*.py"),
                  *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
