@@ -164,7 +164,6 @@ def _sliding_window(device: str, work: Path, edge: int) -> str:
 
 def _serve_replica(device: str, work: Path) -> str:
     import gzip
-    import io
     import socket
     import urllib.request
 
