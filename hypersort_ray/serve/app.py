@@ -947,9 +947,9 @@ def run_server(settings: ServeSettings, address: str | None = None, *, block: bo
 
     if not settings.model:
         raise ConfigError("serve: --model is required (a run folder or models:/NAME@ALIAS)")
-    _check_local_model(settings.model)
     plan = resolve_auth(settings.auth_token_env, settings.insecure_no_auth)
     check_bind(settings.host, plan, settings.insecure_no_auth)
+    _check_local_model(settings.model)
     if not plan.has_token and is_loopback(settings.host):
         plan = AuthPlan(required=False)  # only this machine can connect
     settings = _with_bound_host(settings)

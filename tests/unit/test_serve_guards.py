@@ -17,6 +17,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers_model import make_tiny_run
 
 from hypersort_ray.serve.validation import (
     MAX_VOX_OFFSET,
@@ -303,14 +304,16 @@ def test_run_server_refuses_a_public_bind_without_token(tmp_path, monkeypatch, h
     for key in ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "HYPERSORT_PROXY_MAX_BODY_MB", "RAY_ADDRESS",
                 "RAY_API_SERVER_ADDRESS", "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY"):
         monkeypatch.delenv(key, raising=False)
+    # Refused before anything is read: not even a model is needed to say so.
     with pytest.raises(ConfigError, match="refusing to listen"):
-        run_server(ServeSettings(model=str(tmp_path), host=host), block=False)
-    # With the explicit flag, or a token, it goes on to start Ray.
+        run_server(ServeSettings(model=str(tmp_path / "no-model"), host=host), block=False)
+    # With the explicit flag, or a token, it checks the model and goes on to start Ray.
+    model = str(make_tiny_run(tmp_path))
     with pytest.raises(_RayInitReached):
-        run_server(ServeSettings(model=str(tmp_path), host=host, insecure_no_auth=True), block=False)
+        run_server(ServeSettings(model=model, host=host, insecure_no_auth=True), block=False)
     monkeypatch.setenv("HYPERSORT_API_TOKEN", "t0ken")
     with pytest.raises(_RayInitReached):
-        run_server(ServeSettings(model=str(tmp_path), host=host), block=False)
+        run_server(ServeSettings(model=model, host=host), block=False)
 
 
 def test_deployment_carries_the_digest_and_the_limits(monkeypatch):
