@@ -21,6 +21,8 @@ import pytest
 from helpers_model import make_tiny_run, tiny_image
 from helpers_servers import MlflowServer, free_port
 
+from hypersort_ray.mlflow_store import using_store
+
 httpx = pytest.importorskip("httpx")
 
 pytestmark = pytest.mark.slow
@@ -115,14 +117,16 @@ def test_requests_are_traced_and_the_serving_run_has_metrics(endpoint, runs, tra
     client = MlflowClient(tracking.url)
     version = client.get_model_version_by_alias(NAME, "champion")
     experiment = client.get_run(version.run_id).info.experiment_id
-    mlflow.set_tracking_uri(tracking.url)
 
     def traced():
         found = mlflow.search_traces(locations=[experiment], filter_string=f"tags.request_id = '{ids[-1]}'",
                                      return_type="list")
         return found[0] if found else None
 
-    trace = _wait_for(traced, 60, "the request's trace")
+    # search_traces reads the process-wide store: point it at the server for this search only (a leaked
+    # MLFLOW_TRACKING_URI would send later tests to this server after it has stopped).
+    with using_store(tracking.url):
+        trace = _wait_for(traced, 60, "the request's trace")
     tags = trace.info.tags
     assert tags["model_name"] == NAME and tags["model_version"] == "1" and tags["status_code"] == "200"
     assert tags["style"] == "main" and tags["input_shape"].startswith("[") and tags["input_spacing"].startswith("[")
