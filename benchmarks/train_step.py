@@ -16,6 +16,21 @@ Three variants, each in a fresh subprocess (so peak RSS is per variant), warm-up
 Usage::
 
     python benchmarks/train_step.py --size 32 --batch 4 --network paper --json out.json [--steps 3]
+    python benchmarks/train_step.py --size 168 --batch 2 --variants ours --set training.memory_budget_gb=6
+    python benchmarks/train_step.py --memory-table --sizes 64,96 --batches 1,2,4 --modes off,blocks,nested
+
+``--set key=value`` (repeatable) is applied to an experiment config (validated like ``hypersort train
+--set``): ``ours`` takes ``training.micro_batch``, ``training.activation_checkpointing``,
+``training.memory_budget_gb``, ``training.precision`` and ``training.channels_last`` from it, and
+``model.unet.channels/n_down/n_fix`` override ``--network``. ``--micro-batch`` (if given) wins over
+``training.micro_batch``.
+
+``--memory-table`` runs ``ours`` alone, one fresh subprocess per (ROI, batch, checkpointing) with the whole
+batch in one micro-batch, and prints peak memory (resident-set high-water mark on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), seconds per sample and the estimate of
+:mod:`hypersort_ray.model.memory` for the same setting; per ROI and mode, the per-sample footprint is
+the peak's slope over the batch sizes measured, and the largest batch that fits 24, 40 and 80 GB follows
+from it. ``--max-gb`` skips settings whose estimate exceeds it (to keep a shared machine safe).
 
 Prints a table and writes ``{"ours": {"samples_per_s", "peak_rss_mb", ...}, "naive": {...},
 "plain_unet": {...}, "config": {...}}``. On a shared machine use ``--repeat R``: the variants run
@@ -63,22 +78,57 @@ def _unet(args: argparse.Namespace):
     return UNet(in_channels=1, out_channels=2, spatial_dims=3, **NETWORKS[args.network])
 
 
+def experiment_config(args: argparse.Namespace):
+    """The experiment config for ``--set``: ``--network`` and ``--size`` first, the user's keys last."""
+    from hypersort_ray.config import load_config
+
+    net = NETWORKS[args.network]
+    base = [f"model.unet.{k}={v}" for k, v in net.items()]
+    base.append(f"preprocessing.roi_size=[{args.size},{args.size},{args.size}]")
+    return load_config(None, overrides=base + list(args.set or []))
+
+
+def _micro_batch(args: argparse.Namespace, cfg) -> Any:
+    value = args.micro_batch
+    if value is None:
+        return cfg.training.micro_batch
+    if value in ("auto", "none"):
+        return {"auto": "auto", "none": None}[value]
+    return int(value)
+
+
+_STEP: Any = None  # the TrainStep of the ``ours`` child, read back for its plan
+
+
 def _ours(args: argparse.Namespace, device: Any):
     import torch
 
     from hypersort_ray.model.hypernet import HyperNetwork
     from hypersort_ray.model.latents import LatentTable
     from hypersort_ray.model.step import TrainStep
+    from hypersort_ray.model.unet import UNet
 
+    global _STEP
+    cfg = experiment_config(args)
+    tcfg, ucfg = cfg.training, cfg.model.unet
     B = args.batch
-    hyper = HyperNetwork(_unet(args), latent_dim=LATENT_DIM, hidden=HIDDEN).to(device)
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, out_channels=2, spatial_dims=3, channels=ucfg.channels, n_down=ucfg.n_down,
+                n_fix=ucfg.n_fix)
+    hyper = HyperNetwork(unet, latent_dim=LATENT_DIM, hidden=HIDDEN).to(device)
     table = LatentTable(range(B), dim=LATENT_DIM, device=device)
-    micro = (
-        {"auto": "auto", "none": None}[args.micro_batch]
-        if args.micro_batch in ("auto", "none")
-        else int(args.micro_batch)
+    step = TrainStep(
+        hyper,
+        table,
+        lr=1e-4,
+        l1_weight=1.0,
+        micro_batch=_micro_batch(args, cfg),
+        activation_checkpointing=tcfg.activation_checkpointing,
+        memory_budget_gb=tcfg.memory_budget_gb,
+        precision=tcfg.precision,
+        channels_last=tcfg.channels_last,
     )
-    step = TrainStep(hyper, table, lr=1e-4, l1_weight=1.0, micro_batch=micro)
+    _STEP = step
     x, y = _data(args, B, device)
     index = torch.arange(B, device=device)
 
@@ -213,7 +263,36 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if _STEP is not None:
+        out.update(_plan_info(args, _STEP, device))
     return out
+
+
+def _plan_info(args: argparse.Namespace, step: Any, device: Any) -> dict[str, Any]:
+    """The micro-batch and checkpointing ``ours`` ran with, and the memory model's estimate of its peak."""
+    import torch
+
+    from hypersort_ray.model.memory import UNetShape, estimate_step_memory, hyper_sizes
+
+    image = torch.empty(args.batch, 1, args.size, args.size, args.size, device="meta")
+    micro, mode = step.plan(image)
+    params, generated = hyper_sizes(step.hyper)
+    est = estimate_step_memory(
+        UNetShape.of(step.hyper.primary),
+        (args.size,) * 3,
+        micro_batch=micro,
+        batch=args.batch,
+        checkpoint=mode,
+        hyper_params=params,
+        generated=generated,
+        device_type=device.type,
+    )
+    return {
+        "micro_batch_used": micro,
+        "checkpoint_used": mode,
+        "estimate_mb": est.peak_bytes / 2**20,
+        "budget_gb": None if step.last_plan is None else step.last_plan.budget_bytes / 2**30,
+    }
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -235,9 +314,11 @@ def _spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         str(args.warmup),
         "--device",
         args.device,
-        "--micro-batch",
-        args.micro_batch,
     ]
+    if args.micro_batch is not None:
+        cmd += ["--micro-batch", str(args.micro_batch)]
+    for item in args.set or []:
+        cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -269,6 +350,109 @@ def _table(results: dict[str, dict[str, Any]], config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ memory table
+FIT_GB = (24, 40, 80)
+
+
+def _estimate_only(args: argparse.Namespace, size: int, batch: int, mode: str) -> float:
+    """The memory model's peak (GiB) for ``ours`` with the whole batch in one micro-batch."""
+    from hypersort_ray.model.memory import UNetShape, estimate_step_memory
+
+    cfg = experiment_config(argparse.Namespace(**{**vars(args), "size": size}))
+    u = cfg.model.unet
+    shape = UNetShape(1, 2, u.channels, u.n_down, u.n_fix)
+    params, generated = _hyper_counts(shape)
+    return estimate_step_memory(
+        shape, (size,) * 3, micro_batch=batch, batch=batch, checkpoint=mode, hyper_params=params,
+        generated=generated, device_type=args.device,
+    ).peak_gb
+
+
+def _hyper_counts(shape: Any) -> tuple[int, int]:
+    """``(parameters of H, generated values)`` for the benchmark's H over a UNet of ``shape``."""
+    import torch
+
+    from hypersort_ray.model.unet import UNet
+
+    with torch.device("meta"):
+        unet = UNet(1, 2, channels=shape.channels, n_down=shape.n_down, n_fix=shape.n_fix)
+    generated = sum(p.numel() for p in unet.parameters())
+    mlp = sum(a * b + b for a, b in zip((LATENT_DIM, *HIDDEN[:-1]), HIDDEN, strict=True))
+    return mlp + HIDDEN[-1] * generated + generated, generated
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Peak memory and seconds per sample of ``ours`` per ROI, batch and checkpointing mode."""
+    sizes = [int(v) for v in args.sizes.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    modes = args.modes.split(",")
+    only = None
+    if args.only:
+        only = {tuple(t.split(":")) for t in args.only.split(",")}
+    unit = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
+    rows: list[dict[str, Any]] = []
+    print(f"{'ROI':>5} {'B':>2} {'ckpt':>7} {'peak GB':>8} {'est GB':>7} {'s/sample':>9} {'cpu s/sample':>12}")
+    for size in sizes:
+        for mode in modes:
+            for batch in batches:
+                if only is not None and (str(size), str(batch), mode) not in only:
+                    continue
+                est = _estimate_only(args, size, batch, mode)
+                row: dict[str, Any] = {"size": size, "batch": batch, "mode": mode, "estimate_gb": est}
+                if args.max_gb is not None and est > args.max_gb:
+                    row["skipped"] = f"estimate {est:.1f} GB > --max-gb {args.max_gb}"
+                    print(f"{size:>5} {batch:>2} {mode:>7} skipped: {row['skipped']}", flush=True)
+                    rows.append(row)
+                    continue
+                sub = argparse.Namespace(**{**vars(args), "size": size, "batch": batch, "micro_batch": "none"})
+                sub.set = [*(args.set or []), f"training.activation_checkpointing={_mode_value(mode)}"]
+                t0 = time.perf_counter()
+                r = _spawn(sub, "ours")
+                row.update(r, peak_gb=r[unit] / 1024, wall_s=time.perf_counter() - t0)
+                rows.append(row)
+                print(
+                    f"{size:>5} {batch:>2} {mode:>7} {row['peak_gb']:>8.2f} {est:>7.2f} "
+                    f"{r['wall_s_per_sample']:>9.2f} {r['cpu_s_per_sample']:>12.2f}",
+                    flush=True,
+                )
+    fits = _fits(rows)
+    if fits:
+        print("\nper-sample footprint (slope of the measured peaks over B) and the largest batch that fits:")
+        print(f"{'ROI':>5} {'ckpt':>7} {'GB/sample':>10} {'fixed GB':>9} " + " ".join(f"{g:>5}GB" for g in FIT_GB))
+        for f in fits:
+            print(
+                f"{f['size']:>5} {f['mode']:>7} {f['per_sample_gb']:>10.2f} {f['fixed_gb']:>9.2f} "
+                + " ".join(f"{f['fits'][str(g)]:>7}" for g in FIT_GB)
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "fits": fits, "argv": sys.argv[1:]}, indent=1))
+
+
+def _mode_value(mode: str) -> str:
+    return {"off": "false"}.get(mode, mode)
+
+
+def _fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (ROI, mode) with two or more measured batches: the per-sample footprint (slope of the peak
+    between the two largest batches measured: below them H's gradient, not the activations, may set the
+    peak) and ``floor((budget - intercept) / slope)`` for each of :data:`FIT_GB`."""
+    out = []
+    keys = sorted({(r["size"], r["mode"]) for r in rows if "peak_gb" in r})
+    for size, mode in keys:
+        pts = sorted(
+            (r["batch"], r["peak_gb"]) for r in rows if (r["size"], r["mode"]) == (size, mode) and "peak_gb" in r
+        )
+        if len({b for b, _ in pts}) < 2:
+            continue
+        (b0, p0), (b1, p1) = pts[-2], pts[-1]
+        slope = (p1 - p0) / (b1 - b0)
+        fixed = p1 - slope * b1
+        fit = {str(g): max(0, int((g - fixed) // slope)) if slope > 0 else None for g in FIT_GB}
+        out.append({"size": size, "mode": mode, "per_sample_gb": slope, "fixed_gb": fixed, "fits": fit, "points": pts})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=32, help="cubic patch edge (voxels)")
@@ -280,8 +464,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--micro-batch",
-        default="auto",
-        help="ours: TrainStep(micro_batch=...): auto (default), none (whole batch) or a number",
+        default=None,
+        help="ours: TrainStep(micro_batch=...): auto, none (whole batch) or a number "
+        "(default: training.micro_batch of the config, auto)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="experiment-config override (repeatable), e.g. training.memory_budget_gb=6",
+    )
+    parser.add_argument("--memory-table", action="store_true", help="the memory/checkpointing table (ours)")
+    parser.add_argument("--sizes", default="64,96,128,168", help="--memory-table: ROI edges")
+    parser.add_argument("--batches", default="1,2,4", help="--memory-table: batch sizes")
+    parser.add_argument("--modes", default="off,blocks,nested", help="--memory-table: checkpointing modes")
+    parser.add_argument("--max-gb", type=float, help="--memory-table: skip settings estimated above this")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="--memory-table: run only these SIZE:BATCH:MODE triples (comma-separated), e.g. 168:1:nested",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
@@ -290,6 +491,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.memory_table:
+        memory_table(args)
         return
 
     config = {

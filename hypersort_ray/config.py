@@ -191,8 +191,27 @@ class TrainingConfig(_Strict):
     )
     latent: LatentOptimConfig = LatentOptimConfig()
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Primary network autocast: bf16 (CUDA or CPU), fp16 with loss scaling (CUDA only; "
+        "an error on CPU).",
+    )
     channels_last: bool = False
+    micro_batch: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Samples per primary-network pass; auto: the largest whose estimated peak fits "
+        "memory_budget_gb (on CPU at most 64^3 voxels, measured faster). A number is used as given.",
+    )
+    activation_checkpointing: bool | Literal["auto", "blocks", "nested"] = Field(
+        "auto",
+        description="Recompute primary-network activations in backward: true/blocks per conv unit, nested "
+        "also per stage (least memory); auto: only when the estimate does not fit the budget otherwise.",
+    )
+    memory_budget_gb: PositiveFloat | None = Field(
+        None,
+        description="Peak memory (GiB) per worker that auto micro_batch/checkpointing must fit; None: the "
+        "device's (CUDA total, or available RAM). Set it when workers share a machine.",
+    )
     grad_clip: NonNegFloat = Field(0.0, description="Clip H's gradient norm; 0 disables.")
     checkpoint_every: PositiveInt = Field(5, description="Epochs between checkpoints.")
     keep_checkpoints: PositiveInt = 2
@@ -220,7 +239,11 @@ class AnalysisConfig(_Strict):
     min_samples: PositiveInt | None = None
     cluster_selection_method: Literal["eom", "leaf"] = "eom"
     top_k: PositiveInt = 10
-    rank_by: str = Field("latent_norm", description="Score column that orders suspicion.csv (most suspicious first).")
+    rank_by: str = Field(
+        "suspicion",
+        description="Score column that orders suspicion.csv (most suspicious first); the default combines "
+        "the λ and the model evidence (docs/method.md), any single score column may be named instead.",
+    )
     run_after_training: bool = True
 
 

@@ -28,6 +28,14 @@ Two implementations, same outputs and gradients (tests check both against a per-
   as a huge, dilated kernel — 1.3–15× faster than oneDNN's backward for those layers, same result to
   float32 rounding (the sum runs over the whole feature map in one accumulation).
 
+  **Activation checkpointing** (``checkpoint=``, grouped path only): the walk of
+  :meth:`~hypersort_ray.model.unet.UNet.walk` is cut into segments (each conv → ReLU → norm unit; each
+  encoder / decoder stage) and :class:`GroupedOps` wraps them in ``torch.utils.checkpoint`` (non-reentrant,
+  so the gradients reach the generated weights the segments read). ``"blocks"`` keeps one map per unit
+  instead of two, and the decoder's first unit convolves the up-sampled map and the skip separately (no
+  concatenated map, nor its gradient); ``"nested"`` also checkpoints the stages. Peak memory per mode:
+  :mod:`hypersort_ray.model.memory`.
+
 Example:
     >>> import torch
     >>> from hypersort_ray.model.unet import UNet
@@ -41,20 +49,27 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from hypersort_ray.errors import ModelError
 from hypersort_ray.model.unet import UNet
 
-__all__ = ["batched_forward", "supports_grouped", "GroupedOps"]
+__all__ = ["batched_forward", "supports_grouped", "GroupedOps", "CHECKPOINT_MODES", "Checkpointing"]
 
 Method = Literal["auto", "grouped", "vmap", "loop"]
+Checkpointing = Literal["off", "blocks", "nested"]
+#: Activation checkpointing of the grouped path. ``"off"``; ``"blocks"``: every conv → ReLU → norm unit
+#: keeps only its input for backward and recomputes the rest; ``"nested"``: in addition every encoder
+#: stage (and every decoder stage but the shallowest) keeps only its inputs, its units' inputs being
+#: recomputed as well — less memory, one more forward of those stages.
+CHECKPOINT_MODES: tuple[str, ...] = ("off", "blocks", "nested")
 
 # PyTorch's CPU convolution heuristic (aten ConvParams::use_mkldnn): a float32 convolution with one
 # sample and one group goes to oneDNN only if N·C·D·H (4-D prefix of the input) exceeds this many elements.
@@ -101,18 +116,18 @@ def _weight_grad_by_forward_conv(
     """
     nd = x.dim() - 2
     conv = F.conv3d if nd == 3 else F.conv2d
-    pad = [p for q in reversed(padding) for p in (q, q)]
     if transposed:
         signal, kern = gy, x  # signal: padded and correlated; kern: the "kernel" side
     else:
         signal, kern = x, gy
     G = groups
     c_sig, c_ker = signal.shape[1] // G, kern.shape[1] // G
-    padded = F.pad(signal, pad)
-    # (c_sig, G, ...): the signal's channels become the batch, the groups its channels.
-    sig = padded.reshape(G, c_sig, *padded.shape[2:]).transpose(0, 1)
+    # (c_sig, G, ...): the signal's channels become the batch, the groups its channels. The zero padding
+    # is the convolution's own (same sums as padding a copy first, without a copy of the map: measured
+    # as fast at 64³).
+    sig = signal.reshape(G, c_sig, *signal.shape[2:]).transpose(0, 1)
     ker = kern.reshape(G * c_ker, 1, *kern.shape[2:])
-    out = conv(sig, ker, dilation=stride, groups=G)  # (c_sig, G·c_ker, ≥k...)
+    out = conv(sig, ker, padding=padding, dilation=stride, groups=G)  # (c_sig, G·c_ker, ≥k...)
     out = out[(slice(None), slice(None), *(slice(0, k) for k in kernel))]
     # Convolution weight [G·Co, Ci, k]: Co = c_ker, Ci = c_sig. Transposed [G·Ci, Co, k]: Ci = c_ker
     # (x's channels), Co = c_sig. Both are (G, c_ker, c_sig, k).
@@ -200,6 +215,7 @@ class GroupedOps:
             ``True`` always (where the channel count is even), ``False`` never.
         fast_backward: compute large-map weight gradients by a forward convolution
             (:class:`_FastWeightGradConv`).
+        checkpoint: activation checkpointing of the walk's segments (see :data:`CHECKPOINT_MODES`).
     """
 
     def __init__(
@@ -210,12 +226,28 @@ class GroupedOps:
         *,
         split_single: bool | None = None,
         fast_backward: bool = False,
+        checkpoint: Checkpointing = "off",
     ) -> None:
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ModelError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
         self.net = net
         self.params = params
         self.B = batch
         self.split_single = split_single
         self.fast_backward = fast_backward
+        self.checkpoint = checkpoint
+
+    def segment(self, kind: str, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+        """Run one segment of :meth:`UNet.walk`, checkpointed where :attr:`checkpoint` says so."""
+        if self.checkpoint == "off" or not torch.is_grad_enabled():
+            return fn(*tensors)
+        # The shallowest decoder stage is the first to be back-propagated: keeping only its input would
+        # recompute it at once, for nothing.
+        if kind != "block" and (self.checkpoint != "nested" or kind == "decoder_0"):
+            return fn(*tensors)
+        # Non-reentrant: gradients reach the generated weights the segment reads from ``params`` (not
+        # passed as inputs). No RNG state to restore: the UNet has no random operation.
+        return torch.utils.checkpoint.checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
 
     def _get(self, name: str, fallback: Tensor) -> Tensor:
         value = self.params.get(name)
@@ -230,16 +262,41 @@ class GroupedOps:
 
     def conv(self, name: str, x: Tensor) -> Tensor:
         layer = self.net.get_submodule(name)
-        B = self.B
         w = self._get(f"{name}.weight", layer.weight)  # [B, C_out, C_in / groups, k...]
+        b = self._get(f"{name}.bias", layer.bias) if layer.bias is not None else None
+        return self._conv_with(layer, x, w, b)
+
+    def _conv_with(self, layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """Convolution ``layer`` (its stride, padding, groups) with per-sample weights ``w`` ``[B, ...]``."""
+        B = self.B
         c_out = w.shape[1]
-        b = self._get(f"{name}.bias", layer.bias).reshape(B * c_out) if layer.bias is not None else None
+        b = b.reshape(B * c_out) if b is not None else None
         if self._split(x, layer, c_out):
             # Two groups, each half of the output channels from its own copy of the input: exactly the
             # same sums, but the oneDNN kernel instead of the generic one.
             return _conv(torch.cat([x, x], dim=1), w[0], b, layer, 2, False, self.fast_backward)
         w = w.reshape(B * c_out, *w.shape[2:])
         return _conv(x, w, b, layer, B * layer.groups, False, self.fast_backward)
+
+    def conv_cat(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        """Convolution ``name`` of the per-sample concatenation of ``a`` and ``b`` (decoder skip).
+
+        Without checkpointing: ``conv(cat(a, b))``. With it, the sum of the convolutions of ``a`` and
+        ``b`` with the matching halves of the weight (same sums up to rounding): the concatenated map,
+        its gradient and the weight-gradient input are then never materialised — the largest transient
+        of a checkpointed decoder level, twice a feature map.
+        """
+        if self.checkpoint == "off":
+            return self.conv(name, self.cat(a, b))
+        layer = self.net.get_submodule(name)
+        if layer.groups != 1:
+            return self.conv(name, self.cat(a, b))
+        w = self._get(f"{name}.weight", layer.weight)  # [B, C_out, C_a + C_b, k...]
+        bias = self._get(f"{name}.bias", layer.bias) if layer.bias is not None else None
+        c_a = a.shape[1] // self.B
+        out = self._conv_with(layer, a, w[:, :, :c_a], bias)
+        # In place: the first convolution's output is saved by nothing (its backward needs its input).
+        return out.add_(self._conv_with(layer, b, w[:, :, c_a:], None))
 
     def conv_transpose(self, name: str, x: Tensor) -> Tensor:
         layer = self.net.get_submodule(name)
@@ -270,11 +327,14 @@ class GroupedOps:
 
 
 def _onednn_cpu(x: Tensor) -> bool:
+    # Not under CPU autocast: the convolutions then run in bfloat16 and the fast weight-gradient path
+    # (which saves the float32 input) would mix dtypes in backward.
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and bool(torch.backends.mkldnn.enabled)
+        and not torch.is_autocast_enabled("cpu")
     )
 
 
@@ -286,6 +346,7 @@ def _grouped(
     *,
     split_single: bool | None = None,
     fast_backward: bool | None = None,
+    checkpoint: Checkpointing = "off",
 ) -> Tensor:
     """The grouped path. ``split_single``: see :class:`GroupedOps`; ``fast_backward`` ``None``: on for
     CPU float32 (where oneDNN runs the convolutions)."""
@@ -300,6 +361,7 @@ def _grouped(
         B,
         split_single=split_single,
         fast_backward=_onednn_cpu(x) if fast_backward is None else fast_backward,
+        checkpoint=checkpoint,
     )
     out = primary.walk(xg, ops)
     return out.reshape(B, -1, *spatial)
@@ -341,6 +403,8 @@ def batched_forward(
     method: Method = "auto",
     channels_last: bool = False,
     bf16: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    checkpoint: Checkpointing = "off",
 ) -> Tensor:
     """Output of ``primary`` on sample n with parameter set n, for all n at once.
 
@@ -354,7 +418,14 @@ def batched_forward(
             (a Python loop of ``functional_call``; the plain reference for tests).
         channels_last: use the channels-last memory format for the activations (meant for CUDA; on
             CPU it is honoured too, but a convolution micro-benchmark here showed no gain).
-        bf16: autocast to bfloat16 on CUDA; ignored on other devices.
+        bf16: autocast to bfloat16 on CUDA; ignored on other devices (same as
+            ``autocast_dtype=torch.bfloat16``, kept for callers of the older signature).
+        autocast_dtype: run under ``torch.autocast`` with this dtype on the input's device (``None``:
+            no autocast, unless ``bf16``). Mixed precision is meant for CUDA; on CPU bfloat16 autocast works
+            (oneDNN), float16 is the caller's business.
+        checkpoint: activation checkpointing of the grouped path (:data:`CHECKPOINT_MODES`): the
+            activations inside each checkpointed segment are recomputed in backward instead of kept.
+            Same outputs and gradients up to rounding; only for the grouped path.
 
     Returns:
         ``[B, K, *spatial]``.
@@ -376,14 +447,23 @@ def batched_forward(
         )
     if method not in ("grouped", "vmap", "loop"):
         raise ModelError(f"batched_forward: unknown method {method!r}")
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ModelError(f"batched_forward: checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+    if checkpoint != "off" and method != "grouped":
+        raise ModelError(
+            f"batched_forward: activation checkpointing needs the grouped path (hypersort_ray's UNet), "
+            f"not method={method!r}"
+        )
+    if autocast_dtype is None and bf16 and x.device.type == "cuda":
+        autocast_dtype = torch.bfloat16
     autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if bf16 and x.device.type == "cuda"
+        torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
         else contextlib.nullcontext()
     )
     with autocast:
         if method == "grouped":
-            return _grouped(primary, params, x, channels_last)  # type: ignore[arg-type]
+            return _grouped(primary, params, x, channels_last, checkpoint=checkpoint)  # type: ignore[arg-type]
         if channels_last and x.dim() in (4, 5):
             x = x.contiguous(memory_format=_channels_last(x.dim()))
         if method == "vmap":

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -58,6 +59,11 @@ class UNetOps(Protocol):
     def cat(self, a: Tensor, b: Tensor) -> Tensor:
         """Concatenate ``a`` and ``b`` along each sample's channels (decoder skip connection)."""
         ...
+
+
+def _run_segment(kind: str, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """The default segment runner of :meth:`UNet.walk`: just call ``fn``."""
+    return fn(*tensors)
 
 
 class ModuleOps:
@@ -195,6 +201,16 @@ class UNet(nn.Module):
     def walk(self, x: Tensor, ops: UNetOps) -> Tensor:
         """Run the UNet topology on ``x`` with the given layer implementations.
 
+        The walk is cut into *segments* that ``ops`` may wrap (activation checkpointing): if ``ops`` has
+        a ``segment(kind, fn, *tensors)`` method, every segment runs as ``ops.segment(kind, fn, *tensors)``
+        instead of ``fn(*tensors)``. ``kind`` is ``"block"`` for one conv → ReLU → norm unit (the decoder's
+        first unit of a level takes the skip concatenation inside it, so the concatenated map is never
+        kept), ``"encoder_{lvl}"`` for all units of encoder level ``lvl`` and ``"decoder_{lvl}"`` for all
+        units of decoder level ``lvl`` (stages contain blocks: segments nest). The arithmetic is the same
+        whatever ``segment`` does, as long as it returns ``fn(*tensors)``. An ``ops`` with a
+        ``conv_cat(name, a, b)`` method computes the decoder's ``conv(name, cat(a, b))`` itself (e.g. without
+        materialising the concatenation).
+
         Args:
             x: input in whatever layout ``ops`` expects.
             ops: the layer implementations (:class:`ModuleOps` for the module's own weights).
@@ -202,24 +218,45 @@ class UNet(nn.Module):
         Returns:
             The logits, in ``ops``' layout.
         """
+        segment = getattr(ops, "segment", None) or _run_segment
+        conv_cat = getattr(ops, "conv_cat", None)
 
-        def block(x: Tensor, conv_name: str, norm_name: str) -> Tensor:
-            return ops.norm(norm_name, F.relu(ops.conv(conv_name, x)))
+        def unit(conv_name: str, norm_name: str) -> Callable[[Tensor], Tensor]:
+            return lambda t: ops.norm(norm_name, F.relu(ops.conv(conv_name, t)))
 
-        x = block(x, "conv_init", "norm_init")
-        for l in range(self.n_fix):  # noqa: E741
-            x = block(x, f"conv_0_{l}", f"norm_0_{l}")
-        skips = [x]
-        for lvl in range(self.n_down):
-            x = block(x, f"down_{lvl}", f"down_norm_{lvl}")
-            for l in range(self.n_fix):  # noqa: E741
-                x = block(x, f"conv_{lvl + 1}_{l}", f"norm_{lvl + 1}_{l}")
+        def encoder(lvl: int) -> Callable[[Tensor], Tensor]:
+            def run(t: Tensor) -> Tensor:
+                first = ("conv_init", "norm_init") if lvl == 0 else (f"down_{lvl - 1}", f"down_norm_{lvl - 1}")
+                t = segment("block", unit(*first), t)
+                for l in range(self.n_fix):  # noqa: E741
+                    t = segment("block", unit(f"conv_{lvl}_{l}", f"norm_{lvl}_{l}"), t)
+                return t
+
+            return run
+
+        def decoder(lvl: int) -> Callable[[Tensor, Tensor], Tensor]:
+            def up(t: Tensor) -> Tensor:
+                return ops.norm(f"up_norm_{lvl}", F.relu(ops.conv_transpose(f"up_{lvl}", t)))
+
+            def first(u: Tensor, skip: Tensor) -> Tensor:
+                name = f"dec_conv_{lvl}_0"
+                y = conv_cat(name, u, skip) if conv_cat is not None else ops.conv(name, ops.cat(u, skip))
+                return ops.norm(f"dec_norm_{lvl}_0", F.relu(y))
+
+            def run(t: Tensor, skip: Tensor) -> Tensor:
+                t = segment("block", first, segment("block", up, t), skip)
+                for l in range(1, self.n_fix):  # noqa: E741
+                    t = segment("block", unit(f"dec_conv_{lvl}_{l}", f"dec_norm_{lvl}_{l}"), t)
+                return t
+
+            return run
+
+        skips = []
+        for lvl in range(self.n_down + 1):
+            x = segment(f"encoder_{lvl}", encoder(lvl), x)
             skips.append(x)
         for lvl in range(self.n_down - 1, -1, -1):
-            x = ops.norm(f"up_norm_{lvl}", F.relu(ops.conv_transpose(f"up_{lvl}", x)))
-            x = ops.cat(x, skips[lvl])
-            for l in range(self.n_fix):  # noqa: E741
-                x = block(x, f"dec_conv_{lvl}_{l}", f"dec_norm_{lvl}_{l}")
+            x = segment(f"decoder_{lvl}", decoder(lvl), x, skips[lvl])
         return ops.conv("conv_final", x)
 
     def check_input(self, x: Tensor) -> None:

@@ -359,3 +359,160 @@ def test_hard_dice_two_class_ties_go_to_background_like_argmax():
     assert hard_dice(logits, label).item() == pytest.approx(1.0)
     three = torch.cat([logits, torch.zeros(1, 1, 2, 2, 2, dtype=torch.float64)], dim=1)
     assert hard_dice(three, label).shape == (1,)
+
+
+# ------------------------------------------------------------------------- memory: checkpointing, precision
+def one_step_gradients(hyper, table, x, y, index, **step_kw):
+    """H's gradients and the λ gradients passed to the latent table after one step."""
+    calls = record_gradients(table)
+    TrainStep(hyper, table, lr=1e-3, l1_weight=0.3, **step_kw).step(x, y, index)
+    return [p.grad.clone() for p in hyper.parameters()], calls[0][1]
+
+
+@pytest.mark.parametrize("mode", [True, "blocks", "nested"])
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_activation_checkpointing_gives_the_same_gradients_float64(mode, micro_batch):
+    """Checkpointed and plain steps: same H and λ gradients (B = 3, different λ per sample, float64)."""
+    results = {}
+    for name, ckpt in (("plain", False), ("ckpt", mode)):
+        hyper, table = make_setup(seed=11, n_down=2, n_fix=2)
+        x, y = make_batch(3, seed=11)
+        results[name] = one_step_gradients(
+            hyper, table, x, y, torch.tensor([4, 0, 2]), micro_batch=micro_batch, activation_checkpointing=ckpt
+        )
+    for a, b in zip(results["ckpt"][0], results["plain"][0], strict=True):
+        torch.testing.assert_close(a, b, **F64)
+    torch.testing.assert_close(results["ckpt"][1], results["plain"][1], **F64)
+    assert not torch.allclose(results["plain"][1][0], results["plain"][1][1])  # the λ differ per sample
+
+
+@pytest.mark.parametrize("mode", ["blocks", "nested"])
+def test_activation_checkpointing_float32_fast_paths(monkeypatch, mode):
+    """float32 on CPU (the weight-gradient-by-forward-convolution path, forced on for every layer, and the
+    split decoder convolution): same gradients as without checkpointing up to float32 rounding."""
+    monkeypatch.setattr(functional, "_WEIGHT_GRAD_MIN_VOXELS", 1)
+    results = {}
+    for name, ckpt in (("plain", False), ("ckpt", mode)):
+        hyper, table = make_setup(seed=12, dtype=torch.float32, n_down=2, n_fix=2)
+        x, y = make_batch(2, seed=12, dtype=torch.float32)
+        results[name] = one_step_gradients(
+            hyper, table, x, y, torch.tensor([1, 3]), micro_batch=None, activation_checkpointing=ckpt
+        )
+    for a, b in zip(results["ckpt"][0], results["plain"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results["ckpt"][1], results["plain"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_plan_follows_the_memory_budget_and_explicit_settings(monkeypatch):
+    from hypersort_ray.model import step as step_mod
+
+    monkeypatch.setattr(step_mod, "AUTO_MICRO_BATCH_VOXELS", 10**9)  # no CPU speed cap here
+    hyper, table = make_setup(seed=13, dtype=torch.float32, channels=8)
+    image = torch.zeros(4, 1, 64, 64, 64)
+    assert TrainStep(hyper, table, memory_budget_gb=1000).plan(image) == (4, "off")
+    roomy = TrainStep(hyper, table, memory_budget_gb=1000)
+    roomy.plan(image)
+    assert roomy.last_plan is not None and roomy.last_plan.fits
+    # A budget the whole batch only fits checkpointed.
+    from hypersort_ray.model.memory import UNetShape, estimate_step_memory, hyper_sizes
+
+    params, generated = hyper_sizes(hyper)
+    kw = dict(batch=4, hyper_params=params, generated=generated)
+    shape = UNetShape.of(hyper.primary)
+    off = estimate_step_memory(shape, (64,) * 3, micro_batch=4, checkpoint="off", **kw).peak_bytes
+    nested = estimate_step_memory(shape, (64,) * 3, micro_batch=4, checkpoint="nested", **kw).peak_bytes
+    budget = (off + nested) / 2 / 2**30
+    micro, mode = TrainStep(hyper, table, memory_budget_gb=budget).plan(image)
+    assert micro == 4 and mode in ("blocks", "nested")
+    # Explicit settings win; an explicit micro-batch still gets automatic checkpointing.
+    assert TrainStep(hyper, table, memory_budget_gb=budget, activation_checkpointing=False).plan(image)[1] == "off"
+    assert TrainStep(hyper, table, memory_budget_gb=1000, micro_batch=3).plan(image) == (3, "off")
+    assert TrainStep(hyper, table, micro_batch=2, activation_checkpointing="nested").plan(image) == (2, "nested")
+    # Nothing fits: the leanest setting, with a warning.
+    with pytest.warns(UserWarning, match="nothing fits"):
+        assert TrainStep(hyper, table, memory_budget_gb=0.01).plan(image) == (1, "nested")
+
+
+def test_checkpointing_needs_the_grouped_path_and_bad_values_raise():
+    hyper, table = make_setup(seed=14)
+    with pytest.raises(ModelError, match="grouped path"):
+        TrainStep(hyper, table, method="vmap", activation_checkpointing=True)
+    assert TrainStep(hyper, table, method="vmap").plan(torch.zeros(2, 1, 16, 16, 16))[1] == "off"
+    with pytest.raises(ModelError, match="activation_checkpointing"):
+        TrainStep(hyper, table, activation_checkpointing="sometimes")
+    with pytest.raises(ModelError, match="memory_budget_gb"):
+        TrainStep(hyper, table, memory_budget_gb=0)
+    with pytest.raises(ModelError, match="precision"):
+        TrainStep(hyper, table, precision="fp8")
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    from hypersort_ray.errors import ConfigError
+
+    hyper, table = make_setup(seed=15, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        TrainStep(hyper, table, precision="fp16")
+
+
+@pytest.mark.parametrize("ckpt", [False, "nested"])
+def test_bf16_autocast_trains_on_cpu(ckpt):
+    hyper, table = make_setup(seed=16, dtype=torch.float32, n=4)
+    x, y = make_batch(4, seed=16, dtype=torch.float32)
+    before_h = [p.detach().clone() for p in hyper.parameters()]
+    before_lat = table.values()
+    step = TrainStep(hyper, table, lr=1e-3, l1_weight=0.1, precision="bf16", activation_checkpointing=ckpt)
+    losses = [step.step(x, y, torch.arange(4))["loss"] for _ in range(4)]
+    assert all(loss == loss and abs(loss) < float("inf") for loss in losses)
+    assert all(torch.isfinite(p).all() for p in hyper.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(hyper.parameters(), before_h, strict=True))
+    assert not torch.equal(table.values(), before_lat)
+    assert hyper.out.weight.dtype == torch.float32  # H and the latents stay float32
+    # The primary network really ran in bfloat16 (CPU autocast), checkpointed or not.
+    with torch.no_grad():
+        params = hyper.unflatten(hyper(table.values()[:2]))
+        out = batched_forward(
+            hyper.primary, params, x[:2], autocast_dtype=torch.bfloat16, checkpoint="off" if not ckpt else ckpt
+        )
+    assert out.dtype == torch.bfloat16
+
+
+def test_loss_scaling_unscales_latents_and_skips_non_finite_steps():
+    """The GradScaler logic of the fp16 path, exercised on CPU with float32 (a CPU GradScaler)."""
+    hyper, table = make_setup(seed=17, dtype=torch.float32)
+    x, y = make_batch(2, seed=17, dtype=torch.float32)
+    index = torch.tensor([0, 3])
+    ref_hyper, ref_table = copy.deepcopy(hyper), copy.deepcopy(table)
+    ref_calls, calls = record_gradients(ref_table), record_gradients(table)
+    TrainStep(ref_hyper, ref_table, lr=1e-3).step(x, y, index)
+    step = TrainStep(hyper, table, lr=1e-3)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    step.step(x, y, index)
+    # A power-of-two scale: the same λ gradients and the same H update as without scaling.
+    torch.testing.assert_close(calls[0][1], ref_calls[0][1], rtol=1e-5, atol=1e-7)
+    for p, q in zip(hyper.parameters(), ref_hyper.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert "grad_scaler" in step.state_dict()
+    # A NaN in the batch: neither H nor a latent moves, the scale backs off.
+    h_before = [p.detach().clone() for p in hyper.parameters()]
+    lat_before, counts = table.values(), table.step_counts()
+    bad = x.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    scale = step.scaler.get_scale()
+    step.step(bad, y, index)
+    assert step.scaler.get_scale() < scale
+    assert all(torch.equal(p, q) for p, q in zip(hyper.parameters(), h_before, strict=True))
+    assert torch.equal(table.values(), lat_before) and torch.equal(table.step_counts(), counts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with loss scaling needs CUDA")
+def test_fp16_trains_on_cuda():
+    hyper, table = make_setup(seed=18, dtype=torch.float32, n=4)
+    hyper = hyper.cuda()
+    table = table.to("cuda")
+    x, y = make_batch(4, seed=18, dtype=torch.float32)
+    before = [p.detach().clone() for p in hyper.parameters()]
+    step = TrainStep(hyper, table, lr=1e-3, precision="fp16", activation_checkpointing="blocks")
+    losses = [step.step(x.cuda(), y.cuda(), torch.arange(4, device="cuda"))["loss"] for _ in range(4)]
+    assert all(loss == loss for loss in losses)
+    assert any(not torch.equal(p, q) for p, q in zip(hyper.parameters(), before, strict=True))
+    assert step.state_dict()["grad_scaler"]["scale"] > 0
