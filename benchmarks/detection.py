@@ -1,445 +1,501 @@
-"""Label-error detection on the synthetic benchmark: HyperSORT's scores vs out-of-fold baselines.
+"""Label-error detection, the matrix: HyperSORT's scores vs out-of-fold baselines on every benchmark set.
 
-One run of the whole comparison, on phantoms with known perturbations (``hypersort synth``):
+For every set (``paper``, ``subtle``, ``mixed`` phantoms and the ``brain`` real-anatomy set of
+``hypersort synth``) and every seed, one *cell* in ``OUT/<set>_s<seed>/``, built in stages (a stage
+whose output exists is skipped, so an interrupted matrix continues where it stopped):
 
-1. generate ``--cases`` volumes of ``--size``³ with ``--perturbations paper|subtle|mixed``;
-2. train HyperSORT for ``--epochs`` (in-process loop ``train_worker`` by default, the same code Ray
-   Train runs per worker; ``--trainer ray`` uses ``run_training`` with ``--workers`` Ray workers) and
-   write a normal run folder;
-3. score every case with
-   * the paper's latent scores: ``latent_norm`` = ‖λ_n‖₂ and ``mean_distance`` = mean_m ‖λ_m − λ_n‖₂,
-   * ``train_loss``: each case's own Dice+CE loss during HyperSORT training, averaged over the epochs
-     (the run's per-sample loss table; no extra compute),
-   * the model-based scores (:func:`hypersort_ray.analysis.model_scores.model_scores`):
-     ``main_style_disagreement`` and ``own_vs_main_disagreement``,
-   * the baselines at equal compute (:func:`hypersort_ray.analysis.baselines.run_baselines`, k-fold
-     plain UNet, ``epochs_per_fold = round(E / (k − 1))``): ``test_dice`` and ``cleanlab``;
-4. against the truth (a case is positive when its label was perturbed, ``voxels_changed > 0``):
-   AUROC, average precision and Spearman's ρ with ``voxels_changed`` (all cases), per score, plus
-   AUROC per perturbation kind (that kind vs the clean cases) in the JSON;
-5. styles: the run's latent analysis (``hypersort analyze``), adjusted Rand index of the styles vs the
-   perturbation kind (``--no-styles`` skips);
-6. correction: ``hypersort correct --style main`` on every case, mean Dice of the given and of the
-   corrected label against ``labels_clean/``, for perturbed and clean cases (``--no-correct`` skips).
+1. ``data``: ``hypersort synth`` (``--cases`` volumes of ``--size``³; brain: its own spacing);
+2. ``train``: HyperSORT with Ray Train (``--workers`` workers, the embedded defaults, ``--epochs``): a
+   normal run folder, latent trajectory included;
+3. ``baselines``: ``analyze --baselines``' k-fold plain UNets at equal compute (Test-Dice, cleanlab);
+4. ``crossfit``: ``analyze --crossfit K``: K HyperSORT folds in parallel, λ fitted out of fold;
+5. ``analyze``: ``hypersort analyze --maps`` with the truth (every score, the default ``suspicion``
+   ranking, styles, the largest disagreement component per case and its map);
+6. ``evaluate`` (always): AUROC / AP overall and per kind of every score column of ``suspicion.csv``,
+   styles ARI (brain: reference + protocols only, the non-style errors left out), localisation hit
+   rate (the largest disagreement component overlaps the truly changed voxels, ``labels`` vs
+   ``labels_clean``, in the label's grid), minutes per stage.
+
+Then ``OUT/summary.md``: one table per set (each cell ``seed 0 / seed 1 / ...``) and the candidate
+combinations of :func:`hypersort_ray.analysis.scores.combine_scores` evaluated on every cell (how the
+default was chosen: the best worst case over the whole matrix, never one set).
 
 Usage::
 
-    python benchmarks/detection.py --perturbations subtle --cases 200 --size 64 --epochs 60 \\
-        --json detection_subtle.json [--config configs/demo.yaml] [--set key=value ...] [--threads 2]
+    python benchmarks/detection.py --out /tmp/detection --sets paper subtle mixed brain --seeds 0 1 \\
+        --cases 60 --size 32 --epochs 40 [--stages data train baselines crossfit analyze] [--threads 2]
 
-Smoke (minutes on 2 cores): ``--cases 16 --size 24 --epochs 3``. Prints the table on stdout, progress
-and timings on stderr; ``--json`` also holds the settings, timings and every case's scores.
+Smoke (minutes on 2 cores): ``--sets paper --seeds 0 --cases 16 --size 24 --epochs 3``. Progress on
+stderr; the summary on stdout and in ``OUT/summary.md``; every cell's numbers in ``OUT/<cell>/result.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import logging
 import math
+import os
+import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-SCORES = (
+SETS = ("paper", "subtle", "mixed", "brain")
+STAGES = ("data", "train", "baselines", "crossfit", "analyze")
+# Score columns shown first in the tables (others follow in suspicion.csv's order).
+ORDER = (
+    "suspicion",
     "latent_norm",
     "mean_distance",
+    "outlier_score",
     "train_loss",
     "main_style_disagreement",
     "own_vs_main_disagreement",
+    "trajectory_mean_norm",
+    "trajectory_path_length",
+    "trajectory_exit",
+    "crossfit_latent_norm",
+    "crossfit_loss_drop",
+    "crossfit_main_disagreement",
     "test_dice",
     "cleanlab",
 )
 
+log = logging.getLogger("detection")
+
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info(message)
 
 
-# ------------------------------------------------------------------------------------------ training
-def _config(args: argparse.Namespace, data: Path, run_dir: Path):
+# --------------------------------------------------------------------------------------------- cell
+class Cell:
+    """One (set, seed) of the matrix and its work folder."""
+
+    def __init__(self, out: Path, name: str, seed: int) -> None:
+        self.name, self.seed = name, seed
+        self.folder = out / f"{name}_s{seed}"
+        self.data = self.folder / "data"
+        self.run = self.folder / "run"
+        self.timings_json = self.folder / "timings.json"
+        self.result_json = self.folder / "result.json"
+
+    @property
+    def key(self) -> str:
+        return self.folder.name
+
+    def timings(self) -> dict[str, float]:
+        return json.loads(self.timings_json.read_text()) if self.timings_json.is_file() else {}
+
+    def record(self, stage: str, seconds: float) -> None:
+        times = self.timings() | {stage: round(seconds, 1)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.timings_json.write_text(json.dumps(times, indent=1))
+
+
+def _stage_data(cell: Cell, args: argparse.Namespace) -> None:
+    from hypersort_ray.data.synthetic import generate_dataset
+
+    if (cell.data / "truth.csv").is_file():
+        return
+    t = time.perf_counter()
+    brain = cell.name == "brain"
+    generate_dataset(
+        cell.data,
+        cases=args.cases,
+        size=args.size,
+        seed=cell.seed,
+        perturbations="paper" if brain else cell.name,
+        spacing=None if brain else args.spacing,
+        dataset="brain" if brain else "phantoms",
+    )
+    cell.record("data", time.perf_counter() - t)
+
+
+def _data_spacing(cell: Cell) -> float:
+    """The synthetic set's voxel spacing (the model trains at it: no resampling, as the phantoms)."""
+    return float(json.loads((cell.data / "synth.json").read_text())["spacing"])
+
+
+def _config(cell: Cell, args: argparse.Namespace):
     from hypersort_ray.config import load_config
 
     base = load_config(args.config, args.set)
     factor = 2**base.model.unet.n_down if base.model.unet.kind == "hypersort_unet" else 16
     roi = int(math.ceil(args.size / factor) * factor)  # the volume is padded up to a valid ROI
+    spacing = _data_spacing(cell)
     overrides = [
         f"preprocessing.roi_size=[{roi},{roi},{roi}]",
-        f"preprocessing.spacing=[{args.spacing},{args.spacing},{args.spacing}]",
+        f"preprocessing.spacing=[{spacing},{spacing},{spacing}]",
         f"training.epochs={args.epochs}",
-        f"training.seed={args.seed}",
-        f"data.datalist={data / 'datalist.tsv'}",
-        f"output_dir={run_dir}",
+        f"training.seed={cell.seed}",
+        f"data.datalist={cell.data / 'datalist.tsv'}",
+        f"output_dir={cell.run}",
         "tracking.enabled=false",
         "analysis.run_after_training=false",
-        f"training.scaling.num_workers={args.workers if args.trainer == 'ray' else 1}",
+        f"training.scaling.num_workers={args.workers}",
         *(args.set or []),  # the user's overrides win
     ]
     return load_config(args.config, overrides)
 
 
-def _train_in_process(cfg, cases, run_dir: Path, device: str) -> dict[str, Any]:
-    import torch
-
+def _stage_train(cell: Cell, args: argparse.Namespace) -> None:
     from hypersort_ray.runs import RunDir
-    from hypersort_ray.runs.checkpoint import save_checkpoint
-    from hypersort_ray.train.loop import WorkerContext, train_worker
-
-    def report(metrics: dict[str, Any], part: Path | None) -> None:
-        _log(
-            f"  epoch {metrics['epoch']:>3}: loss {metrics['loss']:.4f} dice {metrics['dice']:.3f} "
-            f"|λ| mean {metrics['latent_norm_mean']:.3f}"
-            + (f" auroc|λ| {metrics['auroc_latent_norm']:.3f}" if "auroc_latent_norm" in metrics else "")
-        )
-        if part is not None:  # the loop's checkpoint parts: the final state is saved below instead
-            shutil.rmtree(part, ignore_errors=True)
-
-    run = RunDir(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg)
-    result = train_worker(cfg, cases, WorkerContext(device=torch.device(device), report=report))
-    last = result.history[-1]
-    case_ids = [c.case_id for c in cases]
-    save_checkpoint(
-        run.checkpoint_dir,
-        latent_state=result.latent_state,
-        hyper_state=result.hyper_state,
-        config=cfg,
-        epoch=int(last["epoch"]),
-        global_step=int(last["global_step"]),
-        case_ids=case_ids,
-        extra={"history": result.history},
-    )
-    state = result.latent_state
-    run.write_latents(state["indices"], [case_ids[i] for i in state["indices"].tolist()], state["values"])
-    run.write_history(result.history)
-    run.write_sample_losses(result.sample_losses, case_ids)
-    return {
-        "epochs": int(last["epoch"]),
-        "final_loss": float(last["loss"]),
-        "final_dice": float(last["dice"]),
-    }
-
-
-def _train_ray(cfg) -> dict[str, Any]:
     from hypersort_ray.train.trainer import run_training
 
-    summary = run_training(cfg, progress=True)
-    return {k: summary.get(k) for k in ("epochs", "loss", "dice", "seconds")}
+    if RunDir(cell.run).has_checkpoint():
+        return
+    for attempt in (1, 2):  # a shared machine can take Ray down under a run: one more try
+        if cell.run.exists():  # an unfinished run of this benchmark's own folder: start it again
+            shutil.rmtree(cell.run)
+        t = time.perf_counter()
+        try:
+            run_training(_config(cell, args), progress=False)
+        except Exception:
+            if attempt == 2:
+                raise
+            log.exception("%s: training failed, trying once more", cell.key)
+            continue
+        cell.record("train", time.perf_counter() - t)
+        return
 
 
-# ------------------------------------------------------------------------------------------- metrics
-def latent_scores(latents):
-    """‖λ_n‖₂ and the paper's isolation score mean_m ‖λ_m − λ_n‖₂ (self included, as in §4.2)."""
+def _stage_baselines(cell: Cell, args: argparse.Namespace) -> None:
+    from hypersort_ray.analysis.baselines import run_baselines
+    from hypersort_ray.runs import RunDir
+
+    run = RunDir(cell.run)
+    if run.read_baselines() is not None:
+        return
+    t = time.perf_counter()
+    run.begin_analysis()
+    run_baselines(run, folds=args.folds, seed=cell.seed, device=args.device)
+    cell.record("baselines", time.perf_counter() - t)
+
+
+def _stage_crossfit(cell: Cell, args: argparse.Namespace) -> None:
+    from hypersort_ray.crossfit import run_crossfit
+    from hypersort_ray.runs import RunDir
+
+    run = RunDir(cell.run)
+    if run.read_crossfit() is not None:
+        return
+    t = time.perf_counter()
+    run.begin_analysis()
+    run_crossfit(run, folds=args.crossfit_folds, seed=cell.seed, device=args.device)
+    cell.record("crossfit", time.perf_counter() - t)
+
+
+def _stage_analyze(cell: Cell, args: argparse.Namespace) -> None:
+    from hypersort_ray import pipeline
+
+    t = time.perf_counter()
+    pipeline.analyze(cell.run, truth=cell.data / "truth.csv", maps=True, device=args.device)
+    cell.record("analyze", time.perf_counter() - t)
+
+
+STAGE_FUNCTIONS = {
+    "data": _stage_data,
+    "train": _stage_train,
+    "baselines": _stage_baselines,
+    "crossfit": _stage_crossfit,
+    "analyze": _stage_analyze,
+}
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def score_columns(table) -> list[str]:
+    """The suspicion table's score columns (numeric, not the index or a location)."""
+    import pandas as pd
+
+    from hypersort_ray.analysis.scores import NON_SCORE_COLUMNS
+
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    cols = [c for c in numeric if c not in NON_SCORE_COLUMNS]
+    return [c for c in ORDER if c in cols] + [c for c in cols if c not in ORDER]
+
+
+def detection_metrics(score, positive, kinds) -> dict[str, Any]:
+    """AUROC / AP (perturbed vs clean) and AUROC per kind (that kind vs the clean cases)."""
     import numpy as np
-    from scipy.spatial.distance import cdist
-
-    z = np.asarray(latents, dtype=np.float64)
-    return np.linalg.norm(z, axis=1), cdist(z, z).mean(axis=1)
-
-
-def detection_metrics(score, truth) -> dict[str, Any]:
-    """AUROC / AP (perturbed vs clean), Spearman with voxels_changed, AUROC per perturbation kind."""
-    import numpy as np
-    from scipy.stats import spearmanr
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     s = np.asarray(score, dtype=np.float64)
-    changed = truth["voxels_changed"].to_numpy(dtype=np.float64)
-    positive = changed > 0
-    out: dict[str, Any] = {"auroc": None, "average_precision": None, "spearman": None, "auroc_by_kind": {}}
-    if not np.isfinite(s).all():
+    ok = np.isfinite(s)
+    out: dict[str, Any] = {"auroc": None, "average_precision": None, "auroc_by_kind": {}, "n": int(ok.sum())}
+    y = positive[ok]
+    if not 0 < y.sum() < len(y):
         return out
-    if 0 < positive.sum() < len(positive):
-        out["auroc"] = float(roc_auc_score(positive, s))
-        out["average_precision"] = float(average_precision_score(positive, s))
-        kinds = truth["perturbation"].astype(str).to_numpy()
-        for kind in sorted(set(kinds[positive])):
-            sel = (kinds == kind) | ~positive
-            out["auroc_by_kind"][kind] = float(roc_auc_score(positive[sel], s[sel]))
-    if np.ptp(s) > 0 and np.ptp(changed) > 0:
-        rho = spearmanr(s, changed).statistic
-        out["spearman"] = float(rho) if np.isfinite(rho) else None
+    out["auroc"] = float(roc_auc_score(y, s[ok]))
+    out["average_precision"] = float(average_precision_score(y, s[ok]))
+    for kind in sorted(set(kinds[positive].tolist())):
+        sel = ok & ((kinds == kind) | ~positive)
+        if 0 < (kinds[sel] == kind).sum() < sel.sum():
+            out["auroc_by_kind"][kind] = float(roc_auc_score(kinds[sel] == kind, s[sel]))
     return out
 
 
-def _styles(run_dir: Path, truth_csv: Path) -> dict[str, Any]:
-    """Styles of the trained run (``hypersort analyze --latent-only``) and their agreement with the truth."""
-    from hypersort_ray.analysis.run import analyze_run
-    from hypersort_ray.runs import RunDir
-
-    summary = analyze_run(run_dir, truth=truth_csv)
-    metrics = RunDir(run_dir).read_metrics()
-    st = metrics.get("styles") or {}
-    return {
-        "n_styles": summary.get("n_styles"),
-        "ari": st.get("ari"),
-        "ari_without_outliers": st.get("ari_without_outliers"),
-        "crosstab": st.get("crosstab"),
-        "eroded_dilated_separated": st.get("eroded_dilated_separated"),
-        "opposite_sides": (metrics.get("directions") or {}).get("opposite_sides"),
-    }
-
-
-def correction_quality(run_dir: Path, cases, data: Path, truth, out: Path, device: str) -> dict[str, Any]:
-    """Correct every case with the main style; Dice of the given and of the corrected label vs the clean one.
-
-    The clean label of a case is ``labels_clean/`` + the file name of its given label (the synthetic
-    generator's layout). Reported per group (perturbed / clean cases): mean Dice(given, clean),
-    mean Dice(corrected, clean), and how many cases got better / worse.
-    """
+def localisation_hits(cell: Cell, truth) -> dict[str, Any]:
+    """Per perturbed case: does the largest disagreement component (``analyze --maps``) overlap the
+    voxels the perturbation changed (``labels`` vs ``labels_clean``)?"""
     import nibabel as nib
     import numpy as np
 
-    from hypersort_ray.analysis.correct import correct_cases
-    from hypersort_ray.analysis.dice import dice_score
-    from hypersort_ray.inference import load_model
+    from hypersort_ray.analysis.localisation import largest_component
+    from hypersort_ray.runs import RunDir
 
-    model = load_model(run_dir, device=device)
-    summary = correct_cases(run_dir, model, ",".join(c.case_id for c in cases), style="main", out_dir=out)
-    changed = dict(zip(truth["index"], truth["voxels_changed"], strict=True))
-    groups: dict[str, dict[str, list[float]]] = {
-        "perturbed": {"given": [], "corrected": []},
-        "clean": {"given": [], "corrected": []},
+    files = RunDir(cell.run).analysis
+    hits: dict[str, bool] = {}
+    for row in truth.itertuples(index=False):
+        if row.voxels_changed <= 0:
+            continue
+        name = f"{row.case_id}.nii.gz"
+        given = np.asarray(nib.load(cell.data / "labels" / name).dataobj)
+        clean = np.asarray(nib.load(cell.data / "labels_clean" / name).dataobj)
+        path = files.disagreement_map(row.case_id)
+        if not path.is_file():
+            hits[row.case_id] = False
+            continue
+        component = largest_component(np.asarray(nib.load(path).dataobj) > 0)
+        hits[row.case_id] = bool(component is not None and np.any(component & (given != clean)))
+    kinds = dict(zip(truth["case_id"], truth["perturbation"], strict=True))
+    by_kind: dict[str, list[bool]] = {}
+    for case, hit in hits.items():
+        by_kind.setdefault(kinds[case], []).append(hit)
+    return {
+        "hit_rate": float(np.mean(list(hits.values()))) if hits else None,
+        "hits": int(sum(hits.values())),
+        "n": len(hits),
+        "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "missed": sorted(c for c, h in hits.items() if not h),
     }
-    for case in cases:
-        clean_path = data / "labels_clean" / Path(case.label).name
-        if not clean_path.exists():
-            raise SystemExit(f"{clean_path}: no clean label for case {case.case_id}")
-        clean = np.asarray(nib.load(clean_path).dataobj) > 0
-        given = np.asarray(nib.load(case.label).dataobj) > 0
-        corrected = np.asarray(nib.load(out / f"{case.case_id}.nii.gz").dataobj) > 0
-        g = groups["perturbed" if changed[case.index] > 0 else "clean"]
-        g["given"].append(dice_score(given, clean))
-        g["corrected"].append(dice_score(corrected, clean))
-    result: dict[str, Any] = {"style": summary["style"], "cases": summary["cases"]}
-    for name, g in groups.items():
-        given, corrected = np.asarray(g["given"]), np.asarray(g["corrected"])
-        result[name] = {
-            "n": int(len(given)),
-            "dice_given_vs_clean": float(given.mean()) if len(given) else None,
-            "dice_corrected_vs_clean": float(corrected.mean()) if len(given) else None,
-            "improved": int((corrected > given + 1e-9).sum()),
-            "worse": int((corrected < given - 1e-9).sum()),
-        }
+
+
+def style_agreement(cell: Cell, table, truth) -> dict[str, Any]:
+    """ARI of the styles vs the kind: all cases, and (brain) the reference + protocols only."""
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from hypersort_ray.data.anatomy import PROTOCOLS
+
+    styles = table.set_index("index").loc[truth["index"], "style"].astype(str).to_numpy()
+    kinds = truth["perturbation"].astype(str).to_numpy()
+    out = {"n_styles": len(set(styles) - {"outlier"}), "ari": float(adjusted_rand_score(kinds, styles))}
+    if cell.name == "brain":
+        keep = np.isin(kinds, ("none", *PROTOCOLS))
+        out["ari_protocols"] = float(adjusted_rand_score(kinds[keep], styles[keep]))
+        clustered = keep & (styles != "outlier")
+        out["ari_protocols_without_outliers"] = float(adjusted_rand_score(kinds[clustered], styles[clustered]))
+    crosstab: dict[str, dict[str, int]] = {}
+    for k, s in zip(kinds, styles, strict=True):
+        crosstab.setdefault(k, {}).setdefault(s, 0)
+        crosstab[k][s] += 1
+    out["crosstab"] = crosstab
+    return out
+
+
+def evaluate(cell: Cell) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+
+    from hypersort_ray.runs import RunDir
+
+    run = RunDir(cell.run)
+    run.check_analysis()
+    table = pd.read_csv(run.analysis.suspicion_csv)
+    # Baselines or cross-fitted scores saved after the analysis ran: their columns join by index.
+    for saved in (run.read_baselines(), run.read_crossfit()):
+        if saved is not None:
+            new = [c for c in saved.columns if c not in table.columns and c != "case_id"]
+            table = table.merge(saved[["index", *new]], on="index", how="left")
+    truth = pd.read_csv(cell.data / "truth.csv").sort_values("index").reset_index(drop=True)
+    aligned = table.set_index("index").loc[truth["index"]].reset_index()
+    positive = truth["voxels_changed"].to_numpy() > 0
+    kinds = truth["perturbation"].astype(str).to_numpy()
+    scores = {c: detection_metrics(aligned[c], positive, kinds) for c in score_columns(aligned)}
+    result = {
+        "cell": cell.key,
+        "set": cell.name,
+        "seed": cell.seed,
+        "n_cases": len(truth),
+        "counts": {k: int(v) for k, v in pd.Series(kinds).value_counts().sort_index().items()},
+        "n_perturbed": int(positive.sum()),
+        "scores": scores,
+        "styles": style_agreement(cell, aligned, truth),
+        "localisation": localisation_hits(cell, truth),
+        "timings_s": cell.timings(),
+        "top_k_perturbed": int(positive[np.argsort(-aligned["suspicion"].to_numpy())][: positive.sum()].sum())
+        if "suspicion" in aligned
+        else None,
+    }
+    cell.result_json.write_text(json.dumps(result, indent=1))
     return result
 
 
-def _fmt(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
-
-
-def format_table(results: dict[str, Any]) -> str:
-    lines = [f"{'score':<26} {'AUROC':>6} {'AP':>6} {'Spearman(voxels_changed)':>25}"]
-    for name in SCORES:
-        m = results["scores"].get(name)
-        if m is None:
-            continue
-        lines.append(
-            f"{name:<26} {_fmt(m['auroc'])} {_fmt(m['average_precision'])} {_fmt(m['spearman']):>25}"
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def candidate_table(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Every candidate combination of :func:`~hypersort_ray.analysis.scores.combine_scores` on every cell."""
+    import numpy as np
     import pandas as pd
-    import torch
+    from sklearn.metrics import roc_auc_score
 
-    from hypersort_ray.analysis.baselines import equal_compute_epochs, run_baselines
-    from hypersort_ray.analysis.evaluation import load_run_cases, read_run_latents
-    from hypersort_ray.analysis.model_scores import model_scores
-    from hypersort_ray.data.synthetic import generate_dataset
-    from hypersort_ray.inference import load_model
-    from hypersort_ray.runs import RunDir
+    from hypersort_ray.analysis.scores import CANDIDATES, combine_scores
+
+    rows = []
+    for name, spec in CANDIDATES.items():
+        row: dict[str, Any] = {"candidate": name}
+        for cell in cells:
+            from hypersort_ray.runs import RunDir
+
+            path = RunDir(cell.run).analysis.suspicion_csv
+            if not path.is_file():
+                continue
+            table = pd.read_csv(path)
+            for saved in (RunDir(cell.run).read_baselines(), RunDir(cell.run).read_crossfit()):
+                if saved is not None:
+                    new = [c for c in saved.columns if c not in table.columns and c != "case_id"]
+                    table = table.merge(saved[["index", *new]], on="index", how="left")
+            truth = pd.read_csv(cell.data / "truth.csv").set_index("index").loc[table["index"]]
+            positive = truth["voxels_changed"].to_numpy() > 0
+            if any(c not in table for c in spec["columns"]):
+                continue
+            score = combine_scores(table, **spec)
+            row[cell.key] = float(roc_auc_score(positive, score)) if 0 < positive.sum() < len(positive) else None
+        values = [v for k, v in row.items() if k != "candidate" and v is not None]
+        row["min"] = float(np.min(values)) if values else None
+        row["mean"] = float(np.mean(values)) if values else None
+        rows.append(row)
+    return sorted(rows, key=lambda r: -(r["min"] or 0))
+
+
+# ----------------------------------------------------------------------------------------- summary
+def _f(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _joined(values: list[Any]) -> str:
+    return " / ".join(_f(v) for v in values)
+
+
+def set_table(name: str, results: list[dict[str, Any]]) -> str:
+    """One markdown table for a set: every score's AUROC / AP (and per kind) per seed."""
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    kinds = sorted({k for r in results for s in r["scores"].values() for k in s["auroc_by_kind"]})
+    scores = [s for s in ORDER if any(s in r["scores"] for r in results)]
+    scores += sorted({s for r in results for s in r["scores"]} - set(scores))
+    head = ["score", "AUROC", "AP", *(f"AUROC {k}" for k in kinds)]
+    lines = [
+        f"**{name}** (seeds {seeds}; each cell: seed by seed)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for score in scores:
+        got = [r["scores"].get(score, {}) for r in results]
+        cells = [
+            f"`{score}`",
+            _joined([g.get("auroc") for g in got]),
+            _joined([g.get("average_precision") for g in got]),
+            *(_joined([g.get("auroc_by_kind", {}).get(k) for g in got]) for k in kinds),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    styles = [r["styles"] for r in results]
+    loc = [r["localisation"] for r in results]
+    minutes = [sum(r["timings_s"].get(s, 0) for s in ("train", "analyze")) / 60 for r in results]
+    facts = [
+        f"styles ARI (all kinds): {_joined([s['ari'] for s in styles])}",
+        "localisation hit rate: "
+        + " / ".join(f"{lo['hits']}/{lo['n']}" for lo in loc)
+        + f" ({_joined([lo['hit_rate'] for lo in loc])})",
+        "minutes (HyperSORT train + analyze): " + " / ".join(f"{m:.1f}" for m in minutes),
+        "minutes (baselines / crossfit): "
+        + " / ".join(
+            f"{r['timings_s'].get('baselines', 0) / 60:.1f}, {r['timings_s'].get('crossfit', 0) / 60:.1f}"
+            for r in results
+        ),
+    ]
+    if "ari_protocols" in styles[0]:
+        facts.insert(1, f"styles ARI (reference + protocols): {_joined([s['ari_protocols'] for s in styles])}")
+    if results[0].get("top_k_perturbed") is not None:
+        facts.append(
+            "perturbed cases in the top k of `suspicion`: "
+            + " / ".join(f"{r['top_k_perturbed']} of {r['n_perturbed']}" for r in results)
+        )
+    return "\n".join(lines) + "\n\n" + "; ".join(facts) + "\n"
+
+
+def summary_markdown(results: list[dict[str, Any]], candidates: list[dict[str, Any]], args) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    command = "python benchmarks/detection.py " + " ".join(sys.argv[1:])
+    parts = [f"`{command}` ({machine}, {stamp})", ""]
+    for name in SETS:
+        chosen = [r for r in results if r["set"] == name]
+        if chosen:
+            parts.append(set_table(name, sorted(chosen, key=lambda r: r["seed"])))
+    if candidates:
+        keys = [k for k in candidates[0] if k not in ("candidate", "min", "mean")]
+        parts.append("**Candidate combinations** (AUROC per cell; sorted by the worst cell)\n")
+        parts.append("| candidate | min | mean | " + " | ".join(keys) + " |")
+        parts.append("|" + "---|" * (len(keys) + 3))
+        for row in candidates:
+            parts.append(
+                f"| `{row['candidate']}` | {_f(row['min'])} | {_f(row['mean'])} | "
+                + " | ".join(_f(row.get(k)) for k in keys)
+                + " |"
+            )
+    return "\n".join(parts) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="work folder (cells are kept and resumed)")
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--size", type=int, default=32, help="volume edge (voxels)")
+    parser.add_argument("--spacing", type=float, default=2.0, help="phantom voxel spacing (mm)")
+    parser.add_argument("--epochs", type=int, default=40, help="HyperSORT epochs")
+    parser.add_argument("--config", type=Path, default=None, help="experiment config (default: embedded)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--folds", type=int, default=3, help="baseline cross-validation folds")
+    parser.add_argument("--crossfit-folds", type=int, default=3, help="cross-fitting folds")
+    parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="hypersort-detection-"))
-    data, run_dir = out / "data", out / "run"
-    timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    _log(f"[1/7] synthetic data: {args.cases} cases, {args.size}³, {args.perturbations} -> {data}")
-    synth = generate_dataset(
-        data,
-        cases=args.cases,
-        size=args.size,
-        seed=args.seed,
-        perturbations=args.perturbations,
-        spacing=args.spacing,
-    )
-    timings["data_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    cfg = _config(args, data, run_dir)
-    _log(f"[2/7] HyperSORT: {args.epochs} epochs ({args.trainer}) -> {run_dir}")
-    if args.trainer == "ray":
-        train = _train_ray(cfg)
-    else:
-        from hypersort_ray.data.datalist import load_datalist
-
-        train = _train_in_process(cfg, load_datalist(data / "datalist.tsv"), run_dir, args.device)
-    timings["hypersort_train_s"] = time.perf_counter() - t
-
-    _, cases = load_run_cases(run_dir)
-    # Rows are matched by sample index (the synthetic truth's case ids may be spelled differently).
-    truth = pd.read_csv(data / "truth.csv").sort_values("index").reset_index(drop=True)
-    table = pd.DataFrame({"index": [c.index for c in cases], "case_id": [c.case_id for c in cases]})
-
-    t = time.perf_counter()
-    _log("[3/7] latent scores")
-    table["latent_norm"], table["mean_distance"] = latent_scores(read_run_latents(run_dir, cases))
-    losses = RunDir(run_dir).read_sample_losses() or {}
-    table["train_loss"] = [losses.get(int(i), math.nan) for i in table["index"]]
-    timings["latent_scores_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if not args.no_model_scores:
-        _log("[4/7] model-based scores (main-style and own-λ UNets)")
-        # cache_size 0: each case's own UNet is used once; only the main one is held (by model_scores).
-        model = load_model(RunDir(run_dir).checkpoint_dir, device=args.device, cache_size=0)
-        ms = model_scores(run_dir, model, progress=True)
-        table = table.merge(ms.drop(columns="case_id"), on="index", how="left")
-    timings["model_scores_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    baseline_epochs = args.baseline_epochs or equal_compute_epochs(cfg.training.epochs, args.folds)
-    if not args.no_baselines:
-        _log(f"[5/7] baselines: {args.folds}-fold plain UNet, {baseline_epochs} epochs per fold")
-        bl = run_baselines(
-            run_dir,
-            folds=args.folds,
-            epochs=baseline_epochs,
-            progress=True,
-            seed=args.seed,
-            device=args.device,
-        )
-        table = table.merge(bl.drop(columns="case_id"), on="index", how="left")
-        table["fold"] = [bl.attrs["fold"][i] for i in table["index"]]
-    timings["baselines_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    styles = None
-    if not args.no_styles:
-        _log("[6/7] styles: latent analysis vs the truth (ARI)")
-        styles = _styles(run_dir, data / "truth.csv")
-    timings["styles_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    correction = None
-    if not args.no_correct:
-        _log("[7/7] correction: `hypersort correct --style main` on every case, Dice vs labels_clean/")
-        correction = correction_quality(run_dir, cases, data, truth, out / "corrected", args.device)
-    timings["correct_s"] = time.perf_counter() - t
-
-    if len(truth) != len(table) or truth["index"].tolist() != table["index"].tolist():
-        raise SystemExit(f"{data / 'truth.csv'}: rows do not match the datalist")
-    table = table.merge(truth[["index", "perturbation", "voxels_changed"]], on="index")
-    scores = {name: detection_metrics(table[name], truth) for name in SCORES if name in table}
-    return {
-        "settings": {
-            "perturbations": args.perturbations,
-            "cases": args.cases,
-            "size": args.size,
-            "epochs": args.epochs,
-            "trainer": args.trainer,
-            "folds": args.folds,
-            "baseline_epochs": baseline_epochs,
-            "equal_compute_rule": "baseline_epochs = round(epochs / (folds - 1))",
-            "seed": args.seed,
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "network": cfg.model.unet.model_dump(mode="json"),
-            "hypernet": cfg.model.hypernet.model_dump(mode="json"),
-            "l1_weight": cfg.training.l1_weight,
-            "latent_lr": cfg.training.latent.lr,
-            "out": str(out),
-        },
-        "counts": synth.get("counts"),
-        "n_perturbed": int((truth["voxels_changed"] > 0).sum()),
-        "train": train,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()}
-        | {"total": round(sum(timings.values()), 1)},
-        "scores": scores,
-        "styles": styles,
-        "correction": correction,
-        "cases": json.loads(table.to_json(orient="records")),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--perturbations", choices=["paper", "subtle", "mixed"], default="paper")
-    parser.add_argument("--cases", type=int, default=200)
-    parser.add_argument("--size", type=int, default=64, help="volume edge (voxels)")
-    parser.add_argument("--spacing", type=float, default=2.0, help="voxel spacing (mm) of data and model")
-    parser.add_argument("--epochs", type=int, default=60, help="HyperSORT epochs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--config", type=Path, default=None, help="experiment config (default: embedded demo)"
-    )
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
-    parser.add_argument("--folds", type=int, default=3, help="baseline cross-validation folds")
-    parser.add_argument(
-        "--baseline-epochs",
-        type=int,
-        default=None,
-        help="epochs per fold (default: equal compute, round(epochs / (folds - 1)))",
-    )
-    parser.add_argument("--trainer", choices=["inprocess", "ray"], default="inprocess")
-    parser.add_argument("--workers", type=int, default=2, help="Ray workers with --trainer ray")
-    parser.add_argument(
-        "--device", default="cpu", help="cpu or cuda (in-process training, scores, baselines)"
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="work folder (default: a new temp folder, kept)"
-    )
-    parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--no-model-scores", action="store_true")
-    parser.add_argument("--no-styles", action="store_true", help="skip the style analysis (ARI)")
-    parser.add_argument("--no-correct", action="store_true", help="skip the correction check")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
-
-    t0 = time.perf_counter()
-    results = run(args)
-    s = results["settings"]
-    baselines = (
-        "baselines skipped"
-        if args.no_baselines
-        else f"baselines {s['folds']}-fold x {s['baseline_epochs']} epochs (equal compute)"
-    )
-    print(
-        f"detection: {s['perturbations']}, {s['cases']} cases at {s['size']}³ "
-        f"({results['n_perturbed']} perturbed), HyperSORT {s['epochs']} epochs, {baselines}, "
-        f"{time.perf_counter() - t0:.0f} s"
-    )
-    print(format_table(results))
-    if results.get("styles"):
-        st = results["styles"]
-        print(
-            f"styles: {st['n_styles']} found; ARI vs perturbation kind {_fmt(st['ari'])} "
-            f"({_fmt(st['ari_without_outliers'])} without outliers); eroded/dilated in different styles: "
-            f"{st['eroded_dilated_separated']}"
-        )
-    if results.get("correction"):
-        c = results["correction"]
-        for group in ("perturbed", "clean"):
-            g = c[group]
-            if g["n"]:
-                print(
-                    f"correct --style {c['style']}, {group} cases ({g['n']}): Dice vs labels_clean "
-                    f"given {g['dice_given_vs_clean']:.3f} -> corrected {g['dice_corrected_vs_clean']:.3f} "
-                    f"({g['improved']} improved, {g['worse']} worse)"
-                )
-    print("timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+    cells = [Cell(args.out, name, seed) for name in args.sets for seed in args.seeds]
+    # Stage by stage over the cells: the cheap and the long stages of every cell are done first.
+    for stage in STAGES:
+        if stage not in args.stages:
+            continue
+        for cell in cells:
+            _log(f"{cell.key}: {stage}")
+            try:
+                STAGE_FUNCTIONS[stage](cell, args)
+            except Exception:  # noqa: BLE001 - one failing cell must not stop the matrix
+                log.exception("%s: stage %s failed", cell.key, stage)
+    results = []
+    for cell in cells:
+        try:
+            results.append(evaluate(cell))
+        except Exception as exc:  # noqa: BLE001 - report what can be reported
+            log.warning("%s: not evaluated (%s)", cell.key, exc)
+    candidates = candidate_table(cells) if results else []
+    text = summary_markdown(results, candidates, args)
+    (args.out / "summary.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

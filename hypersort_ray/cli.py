@@ -217,6 +217,14 @@ def analyze(
     latent_only: Annotated[
         bool, typer.Option("--latent-only", help="Skip the model-based scores and thumbnails (fast).")
     ] = False,
+    maps: Annotated[
+        bool, typer.Option("--maps", help="Write each case's disagreement with the main style as NIfTI "
+                           "(analysis/maps/, in the label's geometry).")
+    ] = False,
+    crossfit: Annotated[
+        int | None, typer.Option("--crossfit", min=2, metavar="K", help="Also train K HyperSORT folds in "
+                                 "parallel and fit each case's λ out of fold (about the baselines' cost).")
+    ] = None,
     device: Device = "cpu",
     as_json: JsonFlag = False,
 ) -> None:
@@ -224,7 +232,8 @@ def analyze(
     from hypersort_ray import pipeline
 
     summary = pipeline.analyze(run_dir, truth=truth, overrides=overrides, baselines=baselines,
-                               latent_only=latent_only, progress=True, device=_device(device))
+                               latent_only=latent_only, progress=True, device=_device(device), maps=maps,
+                               crossfit=crossfit)
     _emit(summary, as_json)
 
 

@@ -27,7 +27,8 @@ from hypersort_ray.analysis.plots import latent_map_png
 from hypersort_ray.analysis.run import analyze_run
 from hypersort_ray.atomic import atomic_write_bytes
 from hypersort_ray.config import ExperimentConfig, SweepConfig
-from hypersort_ray.errors import HypersortError
+from hypersort_ray.crossfit import run_crossfit
+from hypersort_ray.errors import ConfigError, HypersortError
 from hypersort_ray.inference import load_model
 from hypersort_ray.inference.devices import resolve_device
 from hypersort_ray.runs import RunDir
@@ -80,16 +81,26 @@ def analyze(
     latent_only: bool = False,
     progress: bool = False,
     device: str = "cpu",
+    maps: bool = False,
+    crossfit: int | None = None,
 ) -> dict[str, Any]:
     """``hypersort analyze``: the latent analysis, plus (unless ``latent_only``) the model-based scores
-    with the run's own checkpoint on ``device`` (and the out-of-fold baselines when asked)."""
+    with the run's own checkpoint on ``device`` (and the out-of-fold baselines when asked), the
+    disagreement maps (``maps``) and, with ``crossfit`` K, the cross-fitted latents of K fold runs
+    trained in parallel first (:mod:`hypersort_ray.crossfit`)."""
     run = RunDir(run_dir).require()
     if latent_only:
+        if maps or crossfit:
+            raise ConfigError("--maps and --crossfit need the model: leave out --latent-only")
         return analyze_run(run.path, truth=truth, overrides=overrides, progress=progress)
+    if crossfit:
+        run.begin_analysis()  # new cross-fitted scores: the old analysis stops passing as current
+        run_crossfit(run, folds=crossfit, device=device)
     # The checkpoint folder alone: the analysis refits the styles, so the run's saved ones (maybe of an
     # older checkpoint) are not needed to segment.
     model = load_model(run.checkpoint_dir, device=device, cache_size=0)
-    return analyze_with_model(run, model, truth=truth, overrides=overrides, progress=progress, baselines=baselines)
+    return analyze_with_model(run, model, truth=truth, overrides=overrides, progress=progress,
+                              baselines=baselines, maps=maps)
 
 
 def correct(

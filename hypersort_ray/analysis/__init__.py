@@ -3,7 +3,9 @@
 Modules (import the one you need; this package imports nothing on its own), bottom up:
 
 * :mod:`.dice`: the one Dice. :mod:`.styles`: style discovery (HDBSCAN around an explicit main mode),
-  :func:`~.styles.assign_styles`. :mod:`.scores`: per-case suspicion scores and the ranked table.
+  :func:`~.styles.assign_styles`. :mod:`.localisation`: where a label disagrees with the main style
+  (connected components, maps). :mod:`.scores`: per-case suspicion scores, the combined default
+  ``suspicion`` and the ranked table. :mod:`.trajectory`: scores of each λ's path during training.
   :mod:`.metrics`: scores and styles against a truth table. :mod:`.plots`: latent maps, loss curves,
   slice montages. :mod:`.report`: the self-contained curation report. :mod:`.simulate`: latents with
   known truth, for tests and tuning.

@@ -2,8 +2,10 @@
 
 :func:`analyze` composes the other modules: the model-based scores (:mod:`.model_scores`), optionally the
 out-of-fold baselines at equal compute (:mod:`.baselines`; saved baselines of an earlier
-``--baselines`` are reused as columns), then the latent analysis (:mod:`.run`) with those extra
-columns and main-style thumbnails, written into the run's analysis folder with its provenance last.
+``--baselines`` are reused as columns, and so are the cross-fitted scores of ``--crossfit``, which the
+pipeline computes), then the latent analysis (:mod:`.run`) with those extra columns, the location of
+every case's largest disagreement with the main style (and, with ``maps``, its map), written into the
+run's analysis folder with its provenance last.
 
 The model is loaded by the caller (inference sits above this layer) and must come from the run's own
 checkpoint. The analysis only segments with λ = 0 and explicit latents, never with saved styles, so a
@@ -44,6 +46,7 @@ def analyze(
     overrides: list[str] | None = None,
     progress: bool = False,
     baselines: bool = False,
+    maps: bool = False,
 ) -> dict[str, Any]:
     """Latent-geometry and model-based scores, thumbnails with main-style predictions, metrics, report.
 
@@ -55,6 +58,8 @@ def analyze(
         progress: progress bars on stderr.
         baselines: also train the k-fold plain UNets (Test-Dice and cleanlab columns); they are saved
             at once, so a later failure does not lose them.
+        maps: also write each case's disagreement map (NIfTI in its label's geometry) to
+            ``run.analysis.maps_dir``.
 
     Returns:
         The summary of :func:`~.run.summarize` (``files`` also lists fresh baselines).
@@ -74,9 +79,10 @@ def analyze(
         extra = extra.merge(fresh.drop(columns="case_id"), on="index")
         written = {p.name: str(p) for p in (run.analysis.baselines_csv, run.analysis.baselines_json)}
     else:
-        extra = _with_saved_baselines(extra, run.read_baselines())
+        extra = _with_saved(extra, run.read_baselines())
+    extra = _with_saved(extra, run.read_crossfit())
     result = compute_analysis(
-        run, truth, overrides, progress, make_predictor(run, model), extra_scores=extra
+        run, truth, overrides, progress, make_predictor(run, model), extra_scores=extra, maps=maps
     )
     run.begin_analysis()
     files = {**write_analysis(run, result), **written}
@@ -85,11 +91,11 @@ def analyze(
     return summarize(result, files)
 
 
-def _with_saved_baselines(scores: pd.DataFrame, saved: pd.DataFrame | None) -> pd.DataFrame:
-    """The model scores plus the score columns of baselines saved by an earlier ``--baselines``.
+def _with_saved(scores: pd.DataFrame, saved: pd.DataFrame | None) -> pd.DataFrame:
+    """The model scores plus the score columns saved by an earlier ``--baselines`` or ``--crossfit``.
 
-    Baselines are plain UNets trained on the run's data, not derived from the checkpoint, so they stay
-    valid when the run is resumed; cases they lack get NaN.
+    Both come from networks trained on the run's data, not from its checkpoint, so they stay valid when
+    the run is resumed; cases they lack get NaN.
     """
     if saved is None:
         return scores

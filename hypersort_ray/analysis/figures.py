@@ -1,8 +1,11 @@
-"""Case pictures of the report: slice montages of the most suspicious cases and of each style's medoid.
+"""Case pictures of the report: where the most suspicious cases disagree, and each style's medoid.
 
-A montage shows a case's mid slices: image | given label | a prediction (when a model ``predictor`` is
-given), with the Dice of the prediction against the given label. A case whose files cannot be read is
-skipped with a note (the report says why); it never fails the analysis.
+A suspicious case (with a model ``predictor``) is shown by three orthogonal slices through the centre of
+its largest disagreement component (:mod:`.localisation`), one row each for the given label, the
+main-style prediction and the case's own-style prediction (its own λ), with the Dice of the main-style
+prediction against the given label: the reviewer sees *why* it is suspicious. Without a predictor, and
+for a style's medoid, a montage shows mid slices: image | given label | a prediction. A case whose files
+cannot be read is skipped with a note (the report says why); it never fails the analysis.
 
 Example:
     >>> thumbs = case_thumbnails([0, 3], indices, cases, cfg, predictor, notes)   # doctest: +SKIP
@@ -24,7 +27,7 @@ from hypersort_ray.config import ExperimentConfig
 from hypersort_ray.data.datalist import Case
 from hypersort_ray.errors import DataError
 
-__all__ = ["Figures", "case_montage", "case_thumbnails", "style_montages"]
+__all__ = ["Figures", "case_montage", "case_thumbnails", "location_montage", "style_montages"]
 
 
 @dataclass
@@ -55,25 +58,88 @@ def case_thumbnails(
     cfg: ExperimentConfig,
     predictor: Predictor | None,
     notes: list[str],
+    *,
+    latents: np.ndarray | None = None,
+    centres: Mapping[int, Sequence[int] | None] | None = None,
 ) -> dict[int, CaseThumbnail]:
-    """Slice montages of the given run rows (image | label | main-style prediction).
+    """Pictures of the given run rows: with a predictor, orthogonal slices through the largest
+    disagreement (:func:`location_montage`); without, mid slices of image and label.
 
     Args:
         rows: positions in the run's latents table.
         indices: the run's sample indices (row order).
         cases: datalist cases by sample index.
         cfg: the run's config (label mapping).
-        predictor: the model hook (None: no prediction column).
+        predictor: the model hook (None: no predictions).
         notes: skipped cases are noted here.
+        latents: ``[N, d]`` latents in row order (the own-style predictions; None: that row is left out).
+        centres: sample index -> voxel to slice through (the largest disagreement's centre; None or
+            missing: the label's centre of mass).
     """
-    wanted = [int(indices[r]) for r in rows if int(indices[r]) in cases]
-    preds = predict_cases(predictor, "main", wanted) if predictor and wanted else {}
+    wanted = [(r, int(indices[r])) for r in rows if int(indices[r]) in cases]
+    preds = predict_cases(predictor, "main", [i for _, i in wanted]) if predictor and wanted else {}
     out = {}
-    for index in wanted:
-        thumb = case_montage(cases[index], cfg, preds.get(index), notes)
+    for row, index in wanted:
+        if predictor is None:
+            thumb = case_montage(cases[index], cfg, None, notes)
+        else:
+            own = None
+            if latents is not None:
+                own = predict_cases(predictor, np.asarray(latents[row], dtype=np.float64), [index])[index]
+            centre = (centres or {}).get(index)
+            thumb = location_montage(cases[index], cfg, preds[index], own, centre, notes)
         if thumb is not None:
             out[index] = thumb
     return out
+
+
+def location_montage(
+    case: Case,
+    cfg: ExperimentConfig,
+    main_pred: np.ndarray,
+    own_pred: np.ndarray | None,
+    centre: Sequence[int] | None,
+    notes: list[str],
+) -> CaseThumbnail | None:
+    """Axial, coronal and sagittal slices through ``centre``: rows given label | main-style prediction |
+    own-style prediction (+ the Dice of the main-style prediction against the given label).
+
+    Returns:
+        The thumbnail, or None when the case's files are unusable (noted).
+    """
+    loaded = _image_and_label(case, cfg, notes)
+    if loaded is None:
+        return None
+    image, label = loaded
+    main_pred = np.asarray(main_pred)
+    if main_pred.shape != label.shape or label.ndim != 3:
+        return case_montage(case, cfg, main_pred, notes)
+    if centre is None:
+        fg = np.argwhere(label > 0)
+        centre = fg.mean(axis=0).round().astype(int).tolist() if len(fg) else None
+    rows: list[tuple[str, np.ndarray | None]] = [("given label", label), ("main style", main_pred)]
+    if own_pred is not None and np.asarray(own_pred).shape == label.shape:
+        rows.append(("own style", np.asarray(own_pred)))
+    png = plots.orthogonal_montage_png(image[..., 0] if image.ndim == 4 else image, rows, centre)
+    return CaseThumbnail(png, dice_score(main_pred, label, cfg.preprocessing.label.num_classes))
+
+
+def _image_and_label(
+    case: Case, cfg: ExperimentConfig, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The case's image and mapped label, or None with a note."""
+    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
+
+    try:
+        image = read_volume(case.image, "image", case.case_id)[1].astype(np.float32)
+        label = map_label_values(read_volume(case.label, "label", case.case_id)[1], cfg.preprocessing.label)
+    except DataError as exc:
+        notes.append(f"thumbnail skipped: {exc}")
+        return None
+    if image.shape[: label.ndim] != label.shape:
+        notes.append(f"thumbnail skipped: case {case.case_id}: image {image.shape} vs label {label.shape}")
+        return None
+    return image, label
 
 
 def style_montages(
@@ -130,18 +196,11 @@ def case_montage(
     Returns:
         The thumbnail, or None when the case's files are unusable.
     """
-    from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
-
+    loaded = _image_and_label(case, cfg, notes)
+    if loaded is None:
+        return None
+    image, label = loaded
     label_cfg = cfg.preprocessing.label
-    try:
-        image = read_volume(case.image, "image", case.case_id)[1].astype(np.float32)
-        label = map_label_values(read_volume(case.label, "label", case.case_id)[1], label_cfg)
-    except DataError as exc:
-        notes.append(f"thumbnail skipped: {exc}")
-        return None
-    if image.shape[: label.ndim] != label.shape:
-        notes.append(f"thumbnail skipped: case {case.case_id}: image {image.shape} vs label {label.shape}")
-        return None
     pred = None if pred is None else np.asarray(pred)
     fits = pred is not None and pred.shape == label.shape
     score = dice_score(pred, label, label_cfg.num_classes) if fits else None

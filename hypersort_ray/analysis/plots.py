@@ -34,6 +34,7 @@ __all__ = [
     "latent_map_png",
     "loss_curves_png",
     "mid_slice_index",
+    "orthogonal_montage_png",
     "slice_montage_png",
     "style_colors",
     "style_label",
@@ -444,6 +445,59 @@ def slice_montage_png(
         ax.set_title(names[i] if i < len(names) else "", fontsize=8)
         ax.set_axis_off()
     fig.subplots_adjust(wspace=0.03, left=0.01, right=0.99, bottom=0.01, top=0.9)
+    return _png(fig, dpi=80)
+
+
+#: The three orthogonal views of :func:`orthogonal_montage_png`: (title, slicing axis) in RAS voxel order.
+ORTHOGONAL_VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def orthogonal_montage_png(
+    image: np.ndarray,
+    rows: Sequence[tuple[str, np.ndarray | None]],
+    centre: Sequence[int] | None = None,
+    size: float = 1.5,
+) -> bytes:
+    """Three orthogonal slices through ``centre`` (axial, coronal, sagittal), one row per overlay.
+
+    Shows where a label error is: each row is the image with one overlay (e.g. the given label, the
+    main-style prediction, the case's own-style prediction), each column one plane through the point; a
+    cross marks the point.
+
+    Args:
+        image: 3-D image volume.
+        rows: ``(title, overlay volume in the image's grid or None)`` per row.
+        centre: the voxel to slice through (default: the volume's centre).
+        size: panel edge in inches.
+
+    Returns:
+        PNG bytes.
+    """
+    image = _squeeze(np.asarray(image, dtype=np.float64))
+    if image.ndim != 3:
+        raise ValueError(f"orthogonal_montage_png needs a 3-D image, got shape {image.shape}")
+    point = [s // 2 for s in image.shape] if centre is None else [int(c) for c in centre]
+    point = [min(max(p, 0), s - 1) for p, s in zip(point, image.shape, strict=True)]
+    lo, hi = _window(image)
+    fig = Figure(figsize=(size * len(ORTHOGONAL_VIEWS), size * len(rows)))
+    for r, (title, overlay) in enumerate(rows):
+        for c, (view, axis) in enumerate(ORTHOGONAL_VIEWS):
+            ax = fig.add_subplot(len(rows), len(ORTHOGONAL_VIEWS), r * len(ORTHOGONAL_VIEWS) + c + 1)
+            ax.imshow(_take_slice(image, point[axis], axis).T, cmap="gray", vmin=lo, vmax=hi,
+                      origin="lower", interpolation="nearest")
+            if overlay is not None:
+                sl = np.asarray(_take_slice(_squeeze(overlay), point[axis], axis)).T
+                mask = np.ma.masked_where(sl <= 0, sl.astype(np.float64))
+                ax.imshow(mask, cmap="autumn", alpha=0.45, origin="lower", interpolation="nearest")
+            x, y = [point[a] for a in range(3) if a != axis]
+            ax.plot([x], [y], marker="+", color="cyan", markersize=9, markeredgewidth=1.2)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(view, fontsize=7)
+            if c == 0:
+                ax.text(-0.04, 0.5, title, transform=ax.transAxes, rotation=90, fontsize=7,
+                        ha="right", va="center")
+    fig.subplots_adjust(wspace=0.03, hspace=0.04, left=0.08, right=0.99, bottom=0.01, top=0.93)
     return _png(fig, dpi=80)
 
 

@@ -3,9 +3,10 @@
 Plain HTML and CSS, every figure embedded as a base64 PNG; it opens offline and can be mailed as one
 file. The interactive map is a separate page beside it (linked relatively, also self-contained).
 
-Sections: dataset summary, latent map, styles, the top-k suspicious cases with slice thumbnails
-(image + given label; + main-style prediction and its Dice when a predictor was available), metrics vs
-the truth (every score side by side), training curves, and the settings used.
+Sections: dataset summary, latent map, styles, the top-k suspicious cases (which evidence flagged each,
+where its largest disagreement with the main style is, and slices through it: given label, main-style
+and own-style predictions, when a predictor was available), what each score means (one sentence each),
+metrics vs the truth (every score side by side), training curves, and the settings used.
 
 Example:
     >>> page = build_report(inputs)       # doctest: +SKIP
@@ -23,7 +24,9 @@ from typing import Any
 
 import pandas as pd
 
+from hypersort_ray.analysis.localisation import LOCATION_COLUMNS, location_text
 from hypersort_ray.analysis.plots import data_uri, style_label
+from hypersort_ray.analysis.scores import FLAGGED_BY, SCORE_MEANINGS, score_columns
 from hypersort_ray.analysis.styles import StyleModel
 
 __all__ = ["CaseThumbnail", "ReportInputs", "build_report"]
@@ -35,7 +38,7 @@ table{border-collapse:collapse;font-size:0.85em;margin:8px 0} th,td{border:1px s
 th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums} .best{font-weight:bold;background:#eef6ee}
 .muted{color:#777} .note{background:#fff8e1;border-left:3px solid #f0b400;padding:6px 10px;margin:6px 0;font-size:0.9em}
 .kv td:first-child{font-weight:600;white-space:nowrap} img.fig{max-width:100%;border:1px solid #eee}
-img.thumb{height:110px} code{background:#f4f4f4;padding:0 3px} .scroll{overflow-x:auto;max-width:100%}
+img.thumb{height:110px} img.loc{height:220px} code{background:#f4f4f4;padding:0 3px} .scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -44,8 +47,9 @@ class CaseThumbnail:
     """Slice montage of one case.
 
     Attributes:
-        png: PNG bytes (image | given label | prediction).
-        dice: Dice of the prediction against the given label (None without prediction).
+        png: PNG bytes (mid slices image | given label | prediction, or orthogonal slices through the
+            largest disagreement: given label, main-style and own-style predictions).
+        dice: Dice of the (main-style) prediction against the given label (None without prediction).
     """
 
     png: bytes
@@ -220,14 +224,23 @@ def _style_thumb(thumbs: Mapping[str, CaseThumbnail], key: str) -> str:
 
 def _suspicious(inp: ReportInputs) -> str:
     table = inp.table.head(inp.top_k)
-    score_cols = [c for c in table.columns if c not in ("index", "case_id", "style")]
+    score_cols = score_columns(table)
+    have_flags = FLAGGED_BY in table.columns
+    have_location = set(LOCATION_COLUMNS) <= set(table.columns)
     have_thumbs = bool(inp.thumbnails)
     have_dice = any(t.dice is not None for t in inp.thumbnails.values())
-    headers = ["rank", "case", "index", "style", *score_cols]
+    headers = ["rank", "case", "index", "style"]
+    headers += ["flagged by"] if have_flags else []
+    headers += score_cols
+    headers += ["largest disagreement with the main style: centre, volume"] if have_location else []
     if have_dice:
         headers.append("Dice (main style vs given)")
     if have_thumbs:
-        headers.append("slice: image | given label" + (" | main-style prediction" if have_dice else ""))
+        headers.append(
+            "slices through the largest disagreement (rows: given label | main-style | own-style prediction)"
+            if have_dice
+            else "slice: image | given label"
+        )
     head = "<tr>" + "".join(f"<th>{_header(h)}</th>" for h in headers) + "</tr>"
     rows = []
     for rank, rec in enumerate(table.itertuples(index=False), start=1):
@@ -237,18 +250,42 @@ def _suspicious(inp: ReportInputs) -> str:
             f"<td class='num'>{rank}</td><td>{_e(data['case_id'])}</td><td class='num'>{int(data['index'])}</td>",
             f"<td>{_e(style_label(str(data['style'])))}</td>",
         ]
+        if have_flags:
+            flags = data[FLAGGED_BY] if isinstance(data[FLAGGED_BY], str) else ""
+            cells.append(f"<td>{_e(flags.replace('; ', ' + ')) or '<span class=muted>neither</span>'}</td>")
         cells += [f"<td class='num'>{_num(data[c])}</td>" for c in score_cols]
+        if have_location:
+            cells.append(f"<td>{_e(location_text(data))}</td>")
         if have_dice:
             cells.append(f"<td class='num'>{_num(thumb.dice if thumb else None)}</td>")
         if have_thumbs:
-            img = f"<img class='thumb' alt='slices' src='{data_uri(thumb.png)}'>" if thumb else ""
+            cls = "loc" if have_dice else "thumb"
+            img = f"<img class='{cls}' alt='slices' src='{data_uri(thumb.png)}'>" if thumb else ""
             cells.append(f"<td>{img}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     full = f" Full ranking: <code>{_e(inp.ranking_csv)}</code>." if inp.ranking_csv else ""
+    flags = (
+        " <i>Flagged by</i> names the evidence behind a case: <i>own style far from λ = 0</i> (its λ "
+        "left the main style) and/or <i>main-style prediction disagrees</i> (robust z ≥ 3.5)."
+        if have_flags
+        else ""
+    )
     return (
         f"<h2>Top {len(table)} suspicious cases</h2>"
-        f"<p>Ranked by <code>{_e(inp.rank_by)}</code>.{full}</p>"
+        f"<p>Ranked by <code>{_e(inp.rank_by)}</code>.{full}{flags}</p>"
         f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>"
+    )
+
+
+def _meanings(inp: ReportInputs) -> str:
+    """One sentence per score column of the table (higher = more suspicious for all)."""
+    items = []
+    for column in score_columns(inp.table):
+        text = SCORE_MEANINGS.get(column, "a score column computed elsewhere (higher = more suspicious).")
+        items.append(f"<li><code>{_e(column)}</code>: {_e(text)}</li>")
+    return (
+        "<h2>What the scores mean</h2><p>For every score, higher = more suspicious.</p>"
+        f"<ul>{''.join(items)}</ul>"
     )
 
 
@@ -369,6 +406,7 @@ def build_report(inp: ReportInputs) -> str:
         _latent_map(inp),
         _styles(inp),
         _suspicious(inp),
+        _meanings(inp),
         _metrics(inp),
         _curves(inp),
         _settings(inp),

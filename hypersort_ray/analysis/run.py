@@ -7,8 +7,11 @@ training losses: the ``train_loss`` score, each case's own Dice+CE loss averaged
 write its analysis folder (``run.analysis``):
 
 =====================  ===============================================================================
-``suspicion_csv``      ``index,case_id,latent_norm,mean_distance,outlier_score,style[,extra scores]``,
-                       most suspicious first (ranked by ``latent_norm`` unless told otherwise)
+``suspicion_csv``      ``index,case_id,suspicion,flagged_by,latent_norm,mean_distance,outlier_score,
+                       style[,extra scores][,error_* location]``, most suspicious first (ranked by
+                       ``suspicion`` unless told otherwise; :mod:`.scores`)
+``maps_dir``           with ``maps=True``: each case's disagreement map (:mod:`.localisation`), NIfTI in
+                       its label's geometry; removed when an analysis is made without maps
 ``styles_json``        the fitted styles (:meth:`~.styles.StyleModel.to_json`) + the checkpoint's identity
 ``metrics_json``       only with a truth CSV (:mod:`.metrics`); an older one is removed without truth
 ``latent_map_png``     static map; ``latent_map_html``: interactive, self-contained
@@ -24,10 +27,14 @@ The steps, one function each and in this order: :func:`read_inputs` → :func:`f
 Model-based parts come in through two hooks, so this module never loads a model:
 
 * ``predictor`` (:data:`~.evaluation.Predictor`): segments training cases with a style or a latent. With
-  it, ``main_style_disagreement = 1 - Dice(main-style prediction, given label)`` becomes a score
-  column (unless given as an extra score), and the report's thumbnails show the prediction.
+  it, every case's main-style prediction in its label's grid gives the largest disagreement component
+  (centre and volume columns, :mod:`.localisation`; optionally the maps) and, unless given as an extra
+  score, ``main_style_disagreement = 1 - Dice(main-style prediction, given label)``; the report shows
+  slices through each suspicious case's disagreement with its main-style and own-style predictions.
 * ``extra_scores``: more score columns computed elsewhere (e.g. :mod:`.model_scores`), as a DataFrame
   with an ``index`` column or a mapping name -> values in the latents' row order.
+
+The λ-trajectory scores (:mod:`.trajectory`) come from the run's own latent trajectory when it has one.
 
 Example:
     >>> summary = analyze_run("runs/demo", truth=Path("synth/truth.csv"))     # doctest: +SKIP
@@ -39,6 +46,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +68,7 @@ from hypersort_ray.analysis.evaluation import (
     read_volume,
 )
 from hypersort_ray.analysis.figures import Figures, case_thumbnails, style_montages
+from hypersort_ray.analysis.localisation import LOCATION_COLUMNS, disagreement_map, localise
 from hypersort_ray.analysis.metrics import AlignedTruth, align_truth, compute_metrics
 from hypersort_ray.analysis.report import ReportInputs, build_report
 from hypersort_ray.analysis.scores import (
@@ -66,14 +76,18 @@ from hypersort_ray.analysis.scores import (
     MAIN_STYLE_DISAGREEMENT,
     OWN_VS_MAIN_DISAGREEMENT,
     SCORE_COLUMNS,
+    SUSPICION,
     TRAIN_LOSS,
+    score_columns,
     suspicion_table,
     write_suspicion_csv,
 )
 from hypersort_ray.analysis.styles import StyleModel, discover_styles
-from hypersort_ray.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from hypersort_ray.analysis.trajectory import TRAJECTORY_COLUMNS, trajectory_scores
+from hypersort_ray.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
 from hypersort_ray.config import AnalysisConfig, ExperimentConfig, apply_overrides, format_validation_error
 from hypersort_ray.data.datalist import Case, load_datalist
+from hypersort_ray.data.nifti import NiftiGeometry, save_like
 from hypersort_ray.data.truth import read_truth_csv, resolve_truth_path
 from hypersort_ray.errors import ConfigError, DataError, RunError
 from hypersort_ray.runs import RunDir
@@ -100,7 +114,7 @@ logger = logging.getLogger(__name__)
 # Cases handed to the predictor per call when scoring every case (bounds its memory).
 PREDICT_CHUNK = 8
 # Scores whose AUROC/Spearman the summary reports (when the metrics have them).
-KEY_SCORES = (*SCORE_COLUMNS, TRAIN_LOSS, MAIN_STYLE_DISAGREEMENT, OWN_VS_MAIN_DISAGREEMENT)
+KEY_SCORES = (SUSPICION, *SCORE_COLUMNS, TRAIN_LOSS, MAIN_STYLE_DISAGREEMENT, OWN_VS_MAIN_DISAGREEMENT)
 
 
 @dataclass
@@ -145,6 +159,8 @@ class LatentAnalysis:
         metrics: the metrics document (None without truth).
         figures: maps, curves and thumbnails.
         report_html: the report page.
+        maps_staging: the disagreement maps, written into a staging folder beside ``maps_dir`` (None:
+            no maps asked for or possible); :func:`write_analysis` swaps it in whole.
     """
 
     inputs: RunInputs
@@ -153,6 +169,7 @@ class LatentAnalysis:
     metrics: dict[str, Any] | None
     figures: Figures
     report_html: str
+    maps_staging: Path | None = None
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -165,6 +182,7 @@ def analyze_run(
     *,
     rank_by: str | None = None,
     extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
+    maps: bool = False,
 ) -> dict[str, Any]:
     """Analyse a run folder and write its analysis folder (contents in the module docstring).
 
@@ -178,6 +196,7 @@ def analyze_run(
         predictor: optional model hook (module docstring); None skips model-based parts.
         rank_by: score column ranking the suspicion table (default ``analysis.rank_by``).
         extra_scores: optional extra score columns (module docstring).
+        maps: also write every case's disagreement map (needs ``predictor``).
 
     Returns:
         Summary (:func:`summarize`): output paths, number of styles, main style size, top-5 suspicious
@@ -190,7 +209,7 @@ def analyze_run(
     """
     run = RunDir(run_dir)
     result = compute_analysis(
-        run, truth, overrides, progress, predictor, rank_by=rank_by, extra_scores=extra_scores
+        run, truth, overrides, progress, predictor, rank_by=rank_by, extra_scores=extra_scores, maps=maps
     )
     run.begin_analysis()
     files = write_analysis(run, result)
@@ -208,22 +227,39 @@ def compute_analysis(
     *,
     rank_by: str | None = None,
     extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
+    maps: bool = False,
 ) -> LatentAnalysis:
     """Every step of the analysis up to the files: read, fit, score, measure, draw, render.
 
-    Nothing is written, so a failure leaves the previous analysis as it was. Arguments as for
-    :func:`analyze_run`.
+    Nothing of the analysis is replaced, so a failure leaves the previous one as it was (maps are
+    written into a staging folder, removed on failure). Arguments as for :func:`analyze_run`.
     """
     run = RunDir(run_dir)
     logger.info("reading %s", run.path)
     inputs = read_inputs(run, truth, overrides, rank_by)
     logger.info("styles of %d latents (d = %d)", len(inputs.indices), inputs.latents.shape[1])
     styles = fit_styles(inputs.latents, inputs.case_ids, inputs.indices, inputs.settings)
-    table = score_cases(inputs, styles, predictor, extra_scores, progress)
-    metrics = truth_metrics(inputs, table, styles)
-    figures = draw_figures(inputs, styles, table, predictor)
-    page = render_report(inputs, styles, table, metrics, figures, predictor is not None)
-    return LatentAnalysis(inputs, styles, table, metrics, figures, page)
+    staging = _maps_staging(inputs, predictor) if maps else None
+    try:
+        table = score_cases(inputs, styles, predictor, extra_scores, progress, maps_dir=staging)
+        metrics = truth_metrics(inputs, table, styles)
+        figures = draw_figures(inputs, styles, table, predictor)
+        page = render_report(inputs, styles, table, metrics, figures, predictor is not None)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return LatentAnalysis(inputs, styles, table, metrics, figures, page, staging)
+
+
+def _maps_staging(inputs: RunInputs, predictor: Predictor | None) -> Path | None:
+    """A fresh folder beside the maps folder to write the maps into (None, noted, without a model)."""
+    if predictor is None or not inputs.cases:
+        inputs.notes.append("disagreement maps need the model and the datalist: none written")
+        return None
+    folder = inputs.run.analysis.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{inputs.run.analysis.maps_dir.name}.tmp-", dir=folder))
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -390,8 +426,14 @@ def score_cases(
     predictor: Predictor | None,
     extra_scores: pd.DataFrame | Mapping[str, Sequence[float]] | None,
     progress: bool,
+    maps_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """The ranked suspicion table: latent scores, outlier scores, extra and model-based columns.
+    """The ranked suspicion table: latent, outlier, trajectory, extra and model-based scores, the
+    combined ``suspicion`` and, with a predictor, where each case's largest disagreement is.
+
+    Args:
+        inputs, styles, predictor, extra_scores, progress: as for :func:`compute_analysis`.
+        maps_dir: write each case's disagreement map here (None: no maps).
 
     Raises:
         ConfigError: the ranking column is not a score of the table.
@@ -401,21 +443,47 @@ def score_cases(
         train_loss = _train_loss_score(inputs.run, inputs.indices, inputs.notes)
         if train_loss is not None:
             extra[TRAIN_LOSS] = train_loss
+    if not any(c in extra for c in TRAJECTORY_COLUMNS):
+        extra.update(_trajectory_scores(inputs.run, inputs.indices, inputs.notes))
+    locations: dict[str, np.ndarray] = {}
     if predictor is None:
         inputs.notes.append("no model predictor given: model-based scores and prediction thumbnails skipped")
     elif not inputs.cases:
         inputs.notes.append(
             "a model predictor was given but the datalist is unavailable: model-based scores skipped"
         )
-    elif MAIN_STYLE_DISAGREEMENT not in extra:
-        extra[MAIN_STYLE_DISAGREEMENT] = _main_style_disagreement(predictor, inputs, progress)
+    else:
+        disagreement, locations = _main_style_pass(
+            predictor, inputs, progress, score=MAIN_STYLE_DISAGREEMENT not in extra, maps_dir=maps_dir
+        )
+        if disagreement is not None:
+            extra[MAIN_STYLE_DISAGREEMENT] = disagreement
     try:
         return suspicion_table(
             inputs.indices, inputs.case_ids, inputs.latents, styles.outlier_scores, styles.keys, extra,
-            rank_by=inputs.rank_by,
+            rank_by=inputs.rank_by, locations=locations,
         )
     except ValueError as exc:
         raise ConfigError(f"analysis ranking: {exc}") from None
+
+
+def _trajectory_scores(run: RunDir, indices: np.ndarray, notes: list[str]) -> dict[str, np.ndarray]:
+    """The λ-trajectory scores in run order ({} for runs without a trajectory: older runs, imports)."""
+    try:
+        trajectory = run.read_latent_trajectory()
+    except RunError as exc:
+        notes.append(f"λ-trajectory scores skipped: {exc}")
+        return {}
+    if trajectory is None:
+        return {}
+    _, traj_indices, values = trajectory
+    position = {int(i): p for p, i in enumerate(traj_indices)}
+    if any(int(i) not in position for i in indices):
+        name = run.latent_trajectory_csv.name
+        notes.append(f"λ-trajectory scores skipped: {name} lacks some of the run's cases")
+        return {}
+    rows = [position[int(i)] for i in indices]
+    return {name: values_[rows] for name, values_ in trajectory_scores(values).items()}
 
 
 def _merge_extra_scores(
@@ -452,27 +520,45 @@ def _train_loss_score(run: RunDir, indices: np.ndarray, notes: list[str]) -> np.
     return values
 
 
-def _main_style_disagreement(predictor: Predictor, inputs: RunInputs, progress: bool) -> np.ndarray:
-    """1 - Dice(main-style prediction, given label) per case (NaN where the case has no files)."""
+def _main_style_pass(
+    predictor: Predictor, inputs: RunInputs, progress: bool, *, score: bool, maps_dir: Path | None
+) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """Every case's main-style prediction in its label's grid, once: the largest disagreement component
+    (location columns), optionally ``1 - Dice`` (the score) and the disagreement map.
+
+    Returns:
+        ``(main_style_disagreement or None, {location column: values})`` in run order (NaN where a case
+        has no files or no disagreement).
+    """
     from hypersort_ray.data.transforms import map_label_values  # lazy: torch/monai
 
     label_cfg = inputs.cfg.preprocessing.label
     values = np.full(len(inputs.indices), np.nan)
+    locations = {c: np.full(len(inputs.indices), np.nan) for c in LOCATION_COLUMNS}
     todo = [(row, int(i)) for row, i in enumerate(inputs.indices) if int(i) in inputs.cases]
     chunks = [todo[start : start + PREDICT_CHUNK] for start in range(0, len(todo), PREDICT_CHUNK)]
     for chunk in progress_bar(chunks, progress, "main-style predictions", unit="chunk"):
         preds = predict_cases(predictor, "main", [i for _, i in chunk])
         for row, index in chunk:
             case = inputs.cases[index]
-            label = map_label_values(read_volume(case.label, "label", case.case_id)[1], label_cfg)
+            img, raw = read_volume(case.label, "label", case.case_id)
+            label = map_label_values(raw, label_cfg)
             pred = np.asarray(preds[index])
             if pred.shape != label.shape:
                 raise DataError(
                     f"case {case.case_id}: prediction shape {pred.shape} differs from label {case.label} "
                     f"{label.shape}"
                 )
-            values[row] = 1.0 - dice_score(pred, label, label_cfg.num_classes)
-    return values
+            if score:
+                values[row] = 1.0 - dice_score(pred, label, label_cfg.num_classes)
+            if label.ndim == 3:
+                for column, value in localise(label, pred, img.affine).columns().items():
+                    locations[column][row] = value
+            if maps_dir is not None:
+                geometry = NiftiGeometry.from_header(img.header)
+                path = inputs.run.analysis.disagreement_map(case.case_id, folder=maps_dir)
+                save_like(path, disagreement_map(label, pred), geometry, dtype=np.uint8)
+    return (values if score else None), locations
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -481,7 +567,10 @@ def truth_metrics(inputs: RunInputs, table: pd.DataFrame, styles: StyleModel) ->
     if inputs.truth is None:
         return None
     logger.info("metrics vs %s", inputs.truth_path)
-    return compute_metrics(table, inputs.truth, inputs.latents, styles.keys, np.asarray(styles.main.centroid))
+    return compute_metrics(
+        table, inputs.truth, inputs.latents, styles.keys, np.asarray(styles.main.centroid),
+        score_columns=score_columns(table),
+    )
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -495,7 +584,14 @@ def draw_figures(
     top_rows = [position[int(i)] for i in table["index"].head(top_k)]
     kinds = _kinds_in_run_order(inputs)
     cases, cfg, notes = inputs.cases, inputs.cfg, inputs.notes
-    thumbs = case_thumbnails(top_rows, inputs.indices, cases, cfg, predictor, notes) if cases else {}
+    centres = _centres(table)
+    thumbs = (
+        case_thumbnails(
+            top_rows, inputs.indices, cases, cfg, predictor, notes, latents=inputs.latents, centres=centres
+        )
+        if cases
+        else {}
+    )
     style_thumbs = style_montages(styles, cases, cfg, predictor, notes) if cases else {}
     map_png = plots.latent_map_png(
         inputs.latents, styles.keys, inputs.case_ids, highlight=top_rows, kinds=kinds
@@ -510,6 +606,18 @@ def draw_figures(
     )
     curves = _loss_curves(inputs)
     return Figures(map_png, map_html, curves, thumbs, style_thumbs, top_k)
+
+
+def _centres(table: pd.DataFrame) -> dict[int, tuple[int, int, int] | None]:
+    """Sample index -> the largest disagreement's voxel (rounded), where the table has one."""
+    cols = list(LOCATION_COLUMNS[:3])
+    if not set(cols) <= set(table.columns):
+        return {}
+    out: dict[int, tuple[int, int, int] | None] = {}
+    for index, *voxel in table[["index", *cols]].itertuples(index=False):
+        ok = all(np.isfinite(v) for v in voxel)
+        out[int(index)] = tuple(int(round(v)) for v in voxel) if ok else None  # type: ignore[assignment]
+    return out
 
 
 def _kinds_in_run_order(inputs: RunInputs) -> np.ndarray | None:
@@ -599,6 +707,11 @@ def write_analysis(run: RunDir, result: LatentAnalysis) -> dict[str, str]:
     if figures.loss_curves_png is not None:
         written.append(atomic_write_bytes(out.loss_curves_png, figures.loss_curves_png))
     written.append(atomic_write_text(out.report_html, result.report_html))
+    if result.maps_staging is not None:
+        written.append(replace_dir(result.maps_staging, out.maps_dir))
+    else:
+        # Maps of an earlier analysis would describe another model's predictions.
+        shutil.rmtree(out.maps_dir, ignore_errors=True)
     return {Path(p).name: str(p) for p in written}
 
 

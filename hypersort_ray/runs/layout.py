@@ -8,12 +8,15 @@ A run folder is the contract between training, analysis, the registry, inference
       latents.csv            index,case_id,z0..z{d-1}: the latents of the checkpoint, for people and tools
       history.csv            per-epoch training metrics
       sample_losses.csv      each case's own training loss (mean over epochs, last)
+      latent_trajectory.csv  every case's λ after each epoch (epoch,index,case_id,z0..z{d-1})
       train_summary.json     what training returned (epochs, MLflow run id, tracking URI, ...)
       latent_maps/           latent map of every logged epoch (PNG)
       ray_results/           Ray Train's storage: intermediate checkpoints (``--resume`` reads them)
       cache/                 preprocessed volumes (``data.cache: disk``)
       analysis/              ``hypersort analyze``: styles.json, suspicion.csv, metrics.json, latent maps,
-                             loss_curves.png, report.html, baselines.csv/.json, maps/, provenance.json
+                             loss_curves.png, report.html, baselines.csv/.json, crossfit.csv/.json,
+                             maps/<case_id>.nii.gz (``analyze --maps``), provenance.json
+      crossfit/              ``analyze --crossfit K``: datalists/fold_{k}.tsv and one run folder per fold
 
 Only this module spells these names; every other module asks a :class:`RunDir` for a path or, better,
 for a typed read or write. Every write is atomic (:mod:`hypersort_ray.atomic`).
@@ -77,8 +80,14 @@ class AnalysisFiles:
         self.report_html = folder / "report.html"
         self.baselines_csv = folder / "baselines.csv"
         self.baselines_json = folder / "baselines.json"
+        self.crossfit_csv = folder / "crossfit.csv"
+        self.crossfit_json = folder / "crossfit.json"
         self.maps_dir = folder / "maps"
         self.provenance_json = folder / "provenance.json"
+
+    def disagreement_map(self, case_id: str, folder: Path | None = None) -> Path:
+        """A case's disagreement map (``analyze --maps``) in ``maps_dir`` (or ``folder``, a staging copy)."""
+        return (folder or self.maps_dir) / f"{case_id}.nii.gz"
 
 
 class RunDir(os.PathLike):
@@ -97,10 +106,12 @@ class RunDir(os.PathLike):
         self.latents_csv = self.path / "latents.csv"
         self.history_csv = self.path / "history.csv"
         self.sample_losses_csv = self.path / "sample_losses.csv"
+        self.latent_trajectory_csv = self.path / "latent_trajectory.csv"
         self.summary_json = self.path / "train_summary.json"
         self.latent_maps_dir = self.path / "latent_maps"
         self.ray_results_dir = self.path / "ray_results"
         self.cache_dir = self.path / "cache"
+        self.crossfit_dir = self.path / "crossfit"
         self.analysis = AnalysisFiles(self.path / "analysis")
 
     def __fspath__(self) -> str:
@@ -114,9 +125,13 @@ class RunDir(os.PathLike):
 
     # ------------------------------------------------------------------------------------ the folder
     def holds_run(self) -> bool:
-        """Whether anything of a run (config, checkpoint, latents, history, Ray storage) is here."""
-        marks = (self.config_path, self.checkpoint_dir, self.latents_csv, self.history_csv, self.ray_results_dir)
-        return any(p.exists() for p in marks)
+        """Whether a run trained here: a checkpoint (final or Ray Train's), latents or a history.
+
+        A folder with only a config (a run that failed before its first epoch, e.g. on a missing GPU)
+        holds nothing to protect and may be trained into again.
+        """
+        marks = (self.checkpoint_dir, self.latents_csv, self.history_csv)
+        return any(p.exists() for p in marks) or self.latest_checkpoint() is not None
 
     def refuse_existing(self) -> None:
         """Raise :class:`RunExistsError` when the folder already holds a run (never overwrite one).
@@ -274,6 +289,57 @@ class RunDir(os.PathLike):
         """``{index: mean training loss}``, or None when the run has no record (older runs, imports)."""
         return read_sample_losses_csv(self.sample_losses_csv) if self.sample_losses_csv.is_file() else None
 
+    def write_latent_trajectory(
+        self, epochs: Sequence[int] | Any, case_ids: Sequence[str], values: Any
+    ) -> Path:
+        """``latent_trajectory.csv``: ``epoch,index,case_id,z0..z{d-1}``, one row per (epoch, case).
+
+        Args:
+            epochs: the ``E`` epochs recorded (1-based).
+            case_ids: every case id, index order (``N``).
+            values: ``[E, N, d]`` latents after each epoch (NaN where a case was not recorded).
+        """
+        import io
+
+        values = np.asarray(values, dtype=np.float64)
+        epochs = [int(e) for e in epochs]
+        if values.ndim != 3 or values.shape[:2] != (len(epochs), len(case_ids)):
+            raise RunError(
+                f"latent trajectory: values of shape {values.shape} do not match {len(epochs)} epochs x "
+                f"{len(case_ids)} cases"
+            )
+        buf = io.StringIO()
+        buf.write(",".join(["epoch", "index", "case_id", *(f"z{j}" for j in range(values.shape[2]))]) + "\n")
+        for e, epoch in enumerate(epochs):
+            for i, case_id in enumerate(case_ids):
+                buf.write(f"{epoch},{i},{case_id}," + ",".join(f"{v:.7g}" for v in values[e, i]) + "\n")
+        return atomic_write_text(self.latent_trajectory_csv, buf.getvalue())
+
+    def read_latent_trajectory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(epochs [E], indices [N], values [E, N, d])`` of ``latent_trajectory.csv``, or None when the
+        run has none (older runs, imports).
+
+        Raises:
+            RunError: the file exists but is malformed.
+        """
+        import pandas as pd
+
+        path = self.latent_trajectory_csv
+        if not path.is_file():
+            return None
+        try:
+            frame = pd.read_csv(path)
+            zcols = [c for c in frame.columns if c.startswith("z")]
+            epochs = np.sort(frame["epoch"].unique()).astype(np.int64)
+            indices = np.sort(frame["index"].unique()).astype(np.int64)
+            if not zcols or len(frame) != len(epochs) * len(indices):
+                raise ValueError(f"{len(frame)} rows for {len(epochs)} epochs x {len(indices)} cases")
+            frame = frame.sort_values(["epoch", "index"], kind="stable")
+            values = frame[zcols].to_numpy(dtype=np.float64).reshape(len(epochs), len(indices), len(zcols))
+        except (OSError, KeyError, ValueError, pd.errors.ParserError) as exc:
+            raise RunError(f"{path}: malformed latent trajectory ({exc})") from exc
+        return epochs, indices, values
+
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         return atomic_write_json(self.summary_json, dict(summary))
 
@@ -375,6 +441,32 @@ class RunDir(os.PathLike):
 
         path = self.analysis.baselines_csv
         return pd.read_csv(path) if path.is_file() else None
+
+    def write_crossfit(self, table: Any, settings: Mapping[str, Any]) -> Path:
+        """``analysis/crossfit.csv`` (+ ``crossfit.json``: the settings used), as for the baselines."""
+        atomic_write_text(self.analysis.crossfit_csv, table.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(
+            self.analysis.crossfit_json, json.dumps(dict(settings), indent=2, default=str) + "\n"
+        )
+        return self.analysis.crossfit_csv
+
+    def read_crossfit(self):
+        """The saved cross-fitted scores (DataFrame), or None when ``analyze --crossfit`` never ran.
+
+        Like the baselines, they come from fold runs trained on the run's data, not from its checkpoint.
+        """
+        import pandas as pd
+
+        path = self.analysis.crossfit_csv
+        return pd.read_csv(path) if path.is_file() else None
+
+    def crossfit_fold(self, fold: int) -> RunDir:
+        """The run folder of cross-fitting fold ``fold``."""
+        return RunDir(self.crossfit_dir / f"fold_{int(fold)}")
+
+    def crossfit_datalist(self, fold: int) -> Path:
+        """The datalist of the cases fold ``fold`` trains on."""
+        return self.crossfit_dir / "datalists" / f"fold_{int(fold)}.tsv"
 
     def begin_analysis(self) -> AnalysisFiles:
         """Invalidate ``analysis/`` before rewriting it: until :meth:`write_analysis_provenance` runs

@@ -121,6 +121,8 @@ class LoopResult:
     hyper_state: dict[str, torch.Tensor]
     #: per-sample training-loss record of every sample (:class:`SampleLosses` as a dict of lists)
     sample_losses: dict[str, list[float]] | None = None
+    #: every sample's λ after each epoch (:class:`LatentTrajectory`'s state; rank 0 only)
+    latent_trajectory: dict[str, torch.Tensor] | None = None
 
 
 class SampleLosses:
@@ -156,6 +158,35 @@ class SampleLosses:
 
     def state_dict(self) -> dict[str, list[float]]:
         return {"sum": self.sum.tolist(), "count": self.count.tolist(), "last": self.last.tolist()}
+
+
+class LatentTrajectory:
+    """Every sample's λ at the end of each epoch (rank 0), for the λ-trajectory scores of the analysis.
+
+    In-sample λ ends where H let it rest; how a case *got* there (how early it left the main cloud, how
+    far it travelled) is free evidence, since the latents are gathered anyway for the per-epoch norms.
+    ``N·d`` floats per epoch; saved in the checkpoint's ``extra`` (rank 0), restored on resume.
+    """
+
+    def __init__(self, n: int, dim: int, state: Mapping[str, Any] | None = None) -> None:
+        self.n, self.dim = n, dim
+        self.rows: dict[int, np.ndarray] = {}
+        if state is not None and "epochs" in state and "values" in state:
+            values = np.asarray(state["values"], dtype=np.float32)
+            if values.ndim == 3 and values.shape[1:] == (n, dim):  # else: another model/dataset, drop it
+                epochs = np.asarray(state["epochs"]).tolist()
+                self.rows = {int(e): v for e, v in zip(epochs, values, strict=True)}
+
+    def add_epoch(self, epoch: int, indices: np.ndarray, values: np.ndarray) -> None:
+        row = np.full((self.n, self.dim), np.nan, dtype=np.float32)
+        row[np.asarray(indices, dtype=int)] = np.asarray(values, dtype=np.float32).reshape(-1, self.dim)
+        self.rows[int(epoch)] = row  # a restart replaying an epoch overwrites it
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        epochs = sorted(self.rows)
+        empty = np.zeros((0, self.n, self.dim), np.float32)
+        values = np.stack([self.rows[e] for e in epochs]) if epochs else empty
+        return {"epochs": torch.tensor(epochs, dtype=torch.int64), "values": torch.from_numpy(values)}
 
 
 def _seed_everything(seed: int) -> None:
@@ -220,6 +251,7 @@ class _WorkerState:
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     sample_losses: SampleLosses | None = None
+    latent_trajectory: LatentTrajectory | None = None
     #: this worker's samples' own losses in the current epoch
     epoch_loss: dict[int, float] = field(default_factory=dict)
 
@@ -234,6 +266,7 @@ class _WorkerState:
             latent_state=self.latents.state_dict(),
             hyper_state={k: v.detach().cpu() for k, v in self.hyper.state_dict().items()},
             sample_losses=self.sample_losses.state_dict() if self.sample_losses else None,
+            latent_trajectory=self.latent_trajectory.state_dict() if self.latent_trajectory else None,
         )
 
 
@@ -254,7 +287,7 @@ def train_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContext
     truth = _load_truth(cfg, len(cases)) if ctx.rank == 0 else None
     for epoch in range(state.start_epoch, cfg.training.epochs):
         metrics = _train_epoch(state, cfg, ctx, epoch)
-        metrics.update(_latent_metrics(state, ctx, truth))
+        metrics.update(_latent_metrics(state, ctx, truth, epoch=epoch + 1))
         state.history.append(dict(metrics))
         _report(state, cfg, ctx, metrics, epoch + 1)
     return state.result(cfg.training.epochs)
@@ -290,6 +323,9 @@ def _build_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContex
         precision=tcfg.precision,
         channels_last=tcfg.channels_last,
         hyper_module=hyper_module,
+        micro_batch=tcfg.micro_batch,
+        activation_checkpointing=tcfg.activation_checkpointing,
+        memory_budget_gb=tcfg.memory_budget_gb,
     )
     n_steps = steps_per_epoch(n, ctx.world_size, tcfg.batch_size)
     state = _WorkerState(
@@ -310,6 +346,9 @@ def _build_worker(cfg: ExperimentConfig, cases: Sequence[Any], ctx: WorkerContex
         valid_counts=global_valid_counts(n, ctx.world_size, tcfg.batch_size, n_steps),
         sample_losses=SampleLosses(n, (ckpt.extra or {}).get("sample_losses") if ckpt else None),
     )
+    if ctx.rank == 0:
+        saved = (ckpt.extra or {}).get("latent_trajectory") if ckpt else None
+        state.latent_trajectory = LatentTrajectory(n, hn.latent_dim, saved)
     if ckpt is not None:
         state.start_epoch, state.global_step = ckpt.epoch, ckpt.global_step
         state.history = list((ckpt.extra or {}).get("history", []))
@@ -375,16 +414,24 @@ def _train_epoch(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext,
     }
 
 
-def _latent_metrics(state: _WorkerState, ctx: WorkerContext, truth: Any) -> dict[str, Any]:
-    """Latent norms (and, with a truth table, their AUROC/Spearman); records each sample's loss.
+def _latent_metrics(state: _WorkerState, ctx: WorkerContext, truth: Any, *, epoch: int = 0) -> dict[str, Any]:
+    """Latent norms (and, with a truth table, their AUROC/Spearman); records each sample's loss and, on
+    rank 0, every λ of this epoch (the trajectory).
 
-    Norms and losses are per-sample scalars: gathering them is cheap and leaves λ itself on its worker.
+    Norms, losses and the d-dimensional λ are small per-sample values: gathering them once per epoch is
+    cheap (the λ rows and their Adam state still live and step only on their worker).
     """
-    norms = state.latents.values().norm(dim=1).cpu().numpy()
-    gathered = ctx.all_gather_object((list(state.latents.indices), norms.tolist(), state.epoch_loss))
+    values = state.latents.values().detach().cpu()
+    norms = values.norm(dim=1).numpy()
+    gathered = ctx.all_gather_object(
+        (list(state.latents.indices), norms.tolist(), state.epoch_loss, values.tolist())
+    )
     all_idx = np.concatenate([np.asarray(g[0], dtype=int) for g in gathered])
     all_norm = np.concatenate([np.asarray(g[1], dtype=float) for g in gathered])
-    for _, _, losses in gathered:
+    if state.latent_trajectory is not None:
+        all_values = np.concatenate([np.asarray(g[3], dtype=np.float32) for g in gathered])
+        state.latent_trajectory.add_epoch(epoch, all_idx, all_values)
+    for _, _, losses, _ in gathered:
         state.sample_losses.add_epoch(
             np.fromiter(losses, int, len(losses)), np.fromiter(losses.values(), float, len(losses))
         )
@@ -427,7 +474,11 @@ def _write_part(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext, 
         optim_state=state.step.state_dict() if shared else None,
         config=cfg if shared else None,
         meta=meta,
-        extra={"history": state.history, "sample_losses": state.sample_losses.state_dict()} if shared else None,
+        extra={
+            "history": state.history,
+            "sample_losses": state.sample_losses.state_dict(),
+            "latent_trajectory": state.latent_trajectory.state_dict(),
+        } if shared else None,
     )
     return part
 

@@ -362,13 +362,14 @@ def run_training(
     cfg, cases = prepare_run_folder(cfg, if_exists="resume" if resuming else "refuse")
     run = RunDir(cfg.output_dir)
     start = load_checkpoint(cfg.training.resume_from) if resuming else None
-    logger = _logger(cfg, run, cases)
-    run.write_summary({"status": "running", "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri})
     scaling = cfg.training.scaling
     ray_handle = connect(address, num_cpus=scaling.num_workers * scaling.cpus_per_worker)
+    logger = None
     try:
         check_placeable(scaling.num_workers, scaling.cpus_per_worker,
                         (scaling.gpus_per_worker or 1.0) if scaling.use_gpu else 0.0, "training")
+        logger = _logger(cfg, run, cases)
+        run.write_summary({"status": "running", "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri})
         history = list((start.extra or {}).get("history", [])) if start else []
         callbacks = [make_run_folder_callback(run, cfg, logger, [c.case_id for c in cases], history=history,
                                               latent_map=latent_map), *(extra_callbacks or [])]
@@ -380,8 +381,9 @@ def run_training(
             raise HypersortError(f"training finished without a checkpoint (see {run.ray_results_dir})")
         summary = finalize_run(run, result.checkpoint, cases, logger, seconds=time.time() - t0)
     except BaseException:
-        logger.end("FAILED")
-        run.write_summary({"status": "failed", "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri})
+        if logger is not None:
+            logger.end("FAILED")
+            run.write_summary({"status": "failed", "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri})
         raise
     finally:
         if ray_handle.started:
@@ -391,7 +393,8 @@ def run_training(
 
 
 def finalize_run(run: RunDir, checkpoint, cases: Sequence[Case], logger: RunLogger, *, seconds: float) -> dict[str, Any]:
-    """Install the final checkpoint in the run folder; write latents, history, sample losses, summary."""
+    """Install the final checkpoint in the run folder; write latents, history, sample losses, the latent
+    trajectory and the summary."""
     with checkpoint.as_directory() as d:
         ck = run.install_checkpoint(Path(d))
     idx = ck.latents["indices"].tolist()
@@ -402,6 +405,10 @@ def finalize_run(run: RunDir, checkpoint, cases: Sequence[Case], logger: RunLogg
     losses = (ck.extra or {}).get("sample_losses")
     if losses is not None:
         run.write_sample_losses(losses, [c.case_id for c in cases])
+    trajectory = (ck.extra or {}).get("latent_trajectory")
+    if trajectory is not None and len(trajectory["epochs"]):
+        ids = [c.case_id for c in cases]
+        run.write_latent_trajectory(trajectory["epochs"].tolist(), ids, trajectory["values"].numpy())
     last = history[-1] if history else {}
     summary = {
         "status": "finished",
@@ -415,7 +422,8 @@ def finalize_run(run: RunDir, checkpoint, cases: Sequence[Case], logger: RunLogg
         "tracking_uri": logger.tracking_uri,
         **{k: last[k] for k in ("loss", "dice", "auroc_latent_norm", "spearman_latent_norm", "samples_per_s") if k in last},
     }
-    for path in (run.latents_csv, run.history_csv, run.sample_losses_csv, run.config_path):
+    tables = (run.latents_csv, run.history_csv, run.sample_losses_csv, run.latent_trajectory_csv)
+    for path in (*tables, run.config_path):
         if path.exists():
             logger.log_artifact(path)
     logger.log_artifact(run.checkpoint_dir, "checkpoint")

@@ -57,7 +57,8 @@ def test_demo_end_to_end(tmp_path):
     parser.feed(report.read_text())
     assert {"html", "table", "img"} <= set(parser.tags)
     suspicion = run.analysis.suspicion_csv.read_text().splitlines()
-    assert suspicion[0].startswith("index,case_id,latent_norm,mean_distance,outlier_score,style") and len(suspicion) == 13
+    header = "index,case_id,suspicion,flagged_by,latent_norm,mean_distance,outlier_score,style"
+    assert suspicion[0].startswith(header) and len(suspicion) == 13
     metrics = run.read_metrics()
     assert metrics  # truth given -> metrics written
     assert summary["auroc_latent_norm"] is None or 0.0 <= summary["auroc_latent_norm"] <= 1.0

@@ -150,7 +150,7 @@ def test_metrics_match_sklearn_and_scipy():
         assert m["auroc_by_kind"]["eroded"] == pytest.approx(
             roc_auc_score(kinds[sel] == "eroded", values[sel])
         )
-    assert set(doc["scores"]) == {"latent_norm", "mean_distance", "outlier_score", "model_score"}
+    assert set(doc["scores"]) == {"suspicion", "latent_norm", "mean_distance", "outlier_score", "model_score"}
     assert doc["styles"]["ari"] == pytest.approx(adjusted_rand_score(kinds, styles))
 
 

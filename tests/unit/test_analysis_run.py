@@ -145,9 +145,12 @@ def test_every_output_is_written_and_well_formed(analysed):
     assert _names(*written, out.provenance_json) == {p.name for p in out.folder.iterdir()}
     assert set(summary["files"]) == _names(*written)
     header = out.suspicion_csv.read_text().splitlines()[0]
-    assert header == "index,case_id,latent_norm,mean_distance,outlier_score,style,main_style_disagreement"
+    assert header == (
+        "index,case_id,suspicion,flagged_by,latent_norm,mean_distance,outlier_score,style,"
+        "main_style_disagreement,error_i,error_j,error_k,error_x_mm,error_y_mm,error_z_mm,error_volume_ml"
+    )
     table = pd.read_csv(out.suspicion_csv, dtype={"style": str})
-    assert len(table) == N and table["latent_norm"].is_monotonic_decreasing
+    assert len(table) == N and table["suspicion"].is_monotonic_decreasing
     assert set(table["main_style_disagreement"]) == {0.0, 1.0}  # the fake predictor's two outcomes
     styles = run.read_styles()
     assert {"method", "params", "main_style", "styles", "n_outliers", PROVENANCE_KEY} <= set(styles)
@@ -156,6 +159,7 @@ def test_every_output_is_written_and_well_formed(analysed):
     assert {"truth", "scores", "styles", "directions", "notes"} <= set(metrics)
     assert metrics["truth"]["n_evaluated"] == N
     assert set(metrics["scores"]) == {
+        "suspicion",
         "latent_norm",
         "mean_distance",
         "outlier_score",
@@ -183,8 +187,16 @@ def test_summary_and_report_content(analysed):
     styles = run.read_styles()["styles"]
     # map, curves, 4 thumbnails (top_k=4), one medoid montage per style
     assert report.count("data:image/png;base64,") == 2 + 4 + len(styles)
-    # Each style's montage was predicted with that style's own segmenting latent, on its medoid case.
-    assert sorted(STYLE_CALLS) == sorted((tuple(s["latent"]), (s["medoid_index"],)) for s in styles)
+    # Each style's montage was predicted with that style's own segmenting latent, on its medoid case, and
+    # each of the top 4 cases with its own latent (the own-style row of its location montage).
+    latents = pd.read_csv(run.latents_csv).set_index("index")
+    own = [(tuple(latents.loc[i, ["z0", "z1"]].tolist()), (int(i),)) for i in table["index"].head(4)]
+    expected = [(tuple(s["latent"]), (s["medoid_index"],)) for s in styles] + own
+    def rounded(calls):
+        return sorted((tuple(round(v, 5) for v in z), i) for z, i in calls)
+
+    assert rounded(STYLE_CALLS) == rounded(expected)
+    assert "slices through the largest disagreement" in report and "What the scores mean" in report
     assert "style&#x27;s prediction (Dice)" in report or "style's prediction (Dice)" in report
     assert "Dice (main style vs given)" in report and "Metrics vs truth" in report
     # The report links the interactive map and names the full ranking by their file names.
