@@ -125,6 +125,7 @@ def _summary(run: RunDir, analysis: dict, train: dict, reg: dict, uri: str, data
         "report": str(run.analysis.report_html),
         "run_dir": str(run.path),
         "styles": _styles_line(analysis),
+        "auroc_suspicion": _round(metrics.get("auroc_suspicion")),  # the default ranking's
         "auroc_latent_norm": _round(metrics.get("auroc_latent_norm", train.get("auroc_latent_norm"))),
         "spearman_latent_norm": _round(metrics.get("spearman_latent_norm", train.get("spearman_latent_norm"))),
         "model_uri": model_uri,

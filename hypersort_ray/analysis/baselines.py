@@ -91,6 +91,17 @@ def assign_folds(n_cases: int, folds: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
+def _require_cleanlab() -> None:
+    """cleanlab is an optional extra: say how to get it instead of an ImportError deep in a fold."""
+    import importlib.util
+
+    if importlib.util.find_spec("cleanlab") is None:
+        raise ConfigError(
+            "the baselines (analyze --baselines) need cleanlab, an optional extra: "
+            "pip install 'hypersort-ray[baselines]'"
+        )
+
+
 def cleanlab_suspicion(label: np.ndarray, probs: np.ndarray) -> float:
     """1 − cleanlab's softmin label quality of one case.
 
@@ -242,6 +253,7 @@ def run_baselines(
         RunError / DataError: not a run folder, missing data, fewer cases than folds.
     """
     t0 = time.perf_counter()
+    _require_cleanlab()  # before the folds train, not after
     run = RunDir(run_dir)
     cfg, cases = load_run_cases(run)
     e_run = run.trained_epochs() or int(cfg.training.epochs)

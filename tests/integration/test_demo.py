@@ -62,6 +62,7 @@ def test_demo_end_to_end(tmp_path):
     metrics = run.read_metrics()
     assert metrics  # truth given -> metrics written
     assert summary["auroc_latent_norm"] is None or 0.0 <= summary["auroc_latent_norm"] <= 1.0
+    assert summary["auroc_suspicion"] is None or 0.0 <= summary["auroc_suspicion"] <= 1.0
 
     # registered in the workspace store (./mlflow.db where the demo ran) under the champion alias
     from mlflow.tracking import MlflowClient

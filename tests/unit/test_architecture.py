@@ -118,3 +118,12 @@ def test_docs_links_resolve():
             if not (md.parent / target).exists():
                 broken.append(f"{md.relative_to(ROOT)} -> {target}")
     assert broken == []
+
+
+def test_test_module_names_are_unique():
+    """tests/ has no __init__.py files (pytest's rootdir import mode): two test modules with the same
+    file name in different folders stop the whole collection with 'import file mismatch'."""
+    seen: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

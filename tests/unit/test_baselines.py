@@ -114,6 +114,15 @@ def test_run_baselines_default_epochs_and_errors(run_dir, tmp_path):
     )
 
 
+def test_run_baselines_without_cleanlab_says_which_extra(run_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cleanlab" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"hypersort-ray\[baselines\]"):
+        run_baselines(run_dir, folds=2, write=False)
+
+
 # ------------------------------------------------------------------------------------ model scores
 def test_model_scores(run_dir, model):
     df = model_scores(run_dir, model)
