@@ -15,8 +15,9 @@ Usage::
     python benchmarks/serve.py                                   # demo-size random model
     python benchmarks/serve.py --model runs/demo --json out.json --probe-batching
     python benchmarks/serve.py --sizes 64 --requests 10 --cache-sizes 32 0
-    # same run, current vs an older copy of the serve package (importable as old_serve):
-    PYTHONPATH=/tmp/old python benchmarks/serve.py --sizes 64 --cache-sizes 32 --baseline old_serve.app:build_application
+    # same run, current vs the package of an older commit (benchmarks/make_baseline.py exports it):
+    python benchmarks/make_baseline.py 182d31f /tmp/old
+    PYTHONPATH=/tmp/old python benchmarks/serve.py --sizes 64 --cache-sizes 32 --baseline old_wrap:build_application
     # same run, requests traced to MLflow (a local store) vs not traced:
     python benchmarks/serve.py --sizes 64 --cache-sizes 32 --tracing
     # the endpoint beside its floor (bare sliding-window forward, 1 thread) and under 1/4/8 clients:
