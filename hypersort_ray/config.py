@@ -193,8 +193,8 @@ class TrainingConfig(_Strict):
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="Primary network autocast: bf16 (CUDA or CPU), fp16 with loss scaling (CUDA only; "
-        "an error on CPU).",
+        description="Primary network autocast: bf16 (CUDA or CPU; a GPU without native bfloat16 uses fp16 "
+        "instead), fp16 with loss scaling (CUDA only; an error on CPU).",
     )
     channels_last: bool = False
     micro_batch: PositiveInt | Literal["auto"] = Field(

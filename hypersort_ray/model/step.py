@@ -73,7 +73,7 @@ from hypersort_ray.model.memory import (
     hyper_sizes,
 )
 
-__all__ = ["TrainStep", "METRIC_KEYS", "AUTO_MICRO_BATCH_VOXELS", "PRECISIONS"]
+__all__ = ["TrainStep", "METRIC_KEYS", "AUTO_MICRO_BATCH_VOXELS", "PRECISIONS", "resolve_precision"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +111,22 @@ def _release_freed_heap() -> None:
 #: Keys of the dict returned by :meth:`TrainStep.step` (means over the valid samples of the batch, plus
 #: ``samples``, their count).
 METRIC_KEYS = ("loss", "seg_loss", "dice_loss", "ce_loss", "l1", "latent_norm_mean", "dice", "samples")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a step really uses on ``device``: ``"bf16"`` becomes ``"fp16"`` (with loss scaling)
+    on a CUDA GPU without native bfloat16 (before Ampere: V100, T4), where bfloat16 is only emulated and
+    slow. Everything else is kept as asked.
+
+    Example:
+        >>> resolve_precision("bf16", torch.device("cpu"))
+        'bf16'
+    """
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        _log.warning("training.precision = 'bf16': %s has no native bfloat16; training in fp16 with loss "
+                     "scaling instead", torch.cuda.get_device_name(device))
+        return "fp16"
+    return precision
 
 
 class TrainStep:
@@ -187,6 +203,7 @@ class TrainStep:
         if precision not in PRECISIONS:
             raise ModelError(f"TrainStep: precision must be one of {PRECISIONS}, got {precision!r}")
         device = hyper.out.weight.device
+        precision = resolve_precision(precision, device)
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError(
                 f"training.precision = 'fp16' needs a CUDA device (float16 autocast with loss scaling); the "

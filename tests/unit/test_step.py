@@ -516,3 +516,18 @@ def test_fp16_trains_on_cuda():
     assert all(loss == loss for loss in losses)
     assert any(not torch.equal(p, q) for p, q in zip(hyper.parameters(), before, strict=True))
     assert step.state_dict()["grad_scaler"]["scale"] > 0
+
+
+def test_bf16_falls_back_to_fp16_on_a_gpu_without_native_bfloat16(monkeypatch, caplog):
+    from hypersort_ray.model.step import resolve_precision
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with caplog.at_level("WARNING", logger="hypersort_ray.model.step"):
+        assert resolve_precision("bf16", cuda) == "fp16"
+    assert "Tesla V100 has no native bfloat16" in caplog.text
+    assert resolve_precision("fp32", cuda) == "fp32" and resolve_precision("fp16", cuda) == "fp16"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast has bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("bf16", cuda) == "bf16"  # Ampere and newer keep bf16
