@@ -226,14 +226,17 @@ def analyze(
                                  "parallel and fit each case's λ out of fold (about the baselines' cost).")
     ] = None,
     device: Device = "cpu",
+    address: Address = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Styles (HDBSCAN), suspicion ranking, metrics vs truth, latent maps and the curation report."""
     from hypersort_ray import pipeline
 
+    if address and not crossfit:
+        raise HypersortError("--address is where --crossfit trains its folds: give --crossfit K with it")
     summary = pipeline.analyze(run_dir, truth=truth, overrides=overrides, baselines=baselines,
                                latent_only=latent_only, progress=True, device=_device(device), maps=maps,
-                               crossfit=crossfit)
+                               crossfit=crossfit, address=address)
     _emit(summary, as_json)
 
 

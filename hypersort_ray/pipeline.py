@@ -83,11 +83,13 @@ def analyze(
     device: str = "cpu",
     maps: bool = False,
     crossfit: int | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """``hypersort analyze``: the latent analysis, plus (unless ``latent_only``) the model-based scores
     with the run's own checkpoint on ``device`` (and the out-of-fold baselines when asked), the
     disagreement maps (``maps``) and, with ``crossfit`` K, the cross-fitted latents of K fold runs
-    trained in parallel first (:mod:`hypersort_ray.crossfit`)."""
+    trained in parallel first (:mod:`hypersort_ray.crossfit`) on the Ray cluster at ``address`` (None:
+    ``RAY_ADDRESS``, else a private local instance)."""
     run = RunDir(run_dir).require()
     if latent_only:
         if maps or crossfit:
@@ -95,7 +97,7 @@ def analyze(
         return analyze_run(run.path, truth=truth, overrides=overrides, progress=progress)
     if crossfit:
         run.begin_analysis()  # new cross-fitted scores: the old analysis stops passing as current
-        run_crossfit(run, folds=crossfit, device=device)
+        run_crossfit(run, folds=crossfit, device=device, address=address)
     # The checkpoint folder alone: the analysis refits the styles, so the run's saved ones (maybe of an
     # older checkpoint) are not needed to segment.
     model = load_model(run.checkpoint_dir, device=device, cache_size=0)

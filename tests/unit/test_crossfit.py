@@ -117,3 +117,21 @@ def test_bad_settings(run):
         run_crossfit(run, folds=2, steps=0)
     with pytest.raises(ConfigError, match="folds"):
         run_crossfit(run, folds=1)
+
+
+def test_analyze_cli_trains_the_folds_where_address_says(run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hypersort_ray.cli import app
+
+    addresses: list = []
+    fake = _fake_training([])
+    monkeypatch.setattr(crossfit, "_train_folds", lambda configs, address: (addresses.append(address),
+                                                                             fake(configs, address)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["analyze", str(run.path), "--crossfit", "2", "--address", "auto", "--json"])
+    assert result.exit_code == 0, result.output
+    assert addresses == ["auto"]
+    assert json.loads(result.stdout)["rank_by"] == "suspicion"
+    refused = runner.invoke(app, ["analyze", str(run.path), "--address", "auto"])
+    assert refused.exit_code != 0 and "give --crossfit K" in str(refused.exception)  # main() prints it
