@@ -75,7 +75,9 @@ __all__ = [
     "collate",
     "invert_prediction",
     "invert_to_original",
+    "geometry_steps",
     "load_image_for_inference",
+    "model_grid_shape",
 ]
 
 KEYS = ("image", "label")
@@ -192,14 +194,41 @@ class ForegroundCenterCropd(MapTransform):
 # ------------------------------------------------------------------------------------- pipelines
 def _geometry(pre: PreprocessConfig, keys: Sequence[str], modes: Sequence[str]) -> list[Any]:
     """Orientation and resampling: the invertible part shared by training and inference."""
+    return geometry_steps(pre.orientation, pre.spacing, len(pre.roi_size), keys, modes)
+
+
+def geometry_steps(
+    orientation: str | None, spacing: Sequence[float] | None, dims: int, keys: Sequence[str], modes: Sequence[str]
+) -> list[Any]:
+    """MONAI's orientation (to ``orientation``) and resampling (to ``spacing`` mm) steps for ``dims``
+    spatial dims; either may be None (no such step)."""
     steps: list[Any] = []
-    if pre.orientation is not None:
+    if orientation is not None:
         # "RAS" for a 2D model means "RA": MONAI warns about (and mishandles) longer codes.
-        axcodes = pre.orientation[: len(pre.roi_size)]
-        steps.append(Orientationd(keys=list(keys), axcodes=axcodes, labels=RAS_LABELS))
-    if pre.spacing is not None:
-        steps.append(Spacingd(keys=list(keys), pixdim=list(pre.spacing), mode=list(modes)))
+        steps.append(Orientationd(keys=list(keys), axcodes=orientation[:dims], labels=RAS_LABELS))
+    if spacing is not None:
+        steps.append(Spacingd(keys=list(keys), pixdim=list(spacing), mode=list(modes)))
     return steps
+
+
+def model_grid_shape(
+    shape: Sequence[int], affine: np.ndarray, *, orientation: str | None, spacing: Sequence[float] | None
+) -> tuple[int, ...]:
+    """The spatial shape that the orientation and resampling steps give a volume of ``shape`` with
+    ``affine``, in the model's axis order: MONAI's own transforms run lazily on a placeholder of that shape
+    (metadata only, 4 bytes whatever the shape), so oblique and sheared affines get the very grid the
+    real preprocessing builds, before a voxel is decoded.
+
+    Example:
+        >>> model_grid_shape((40, 30, 20), np.diag([1.0, 1.0, 4.0, 1.0]), orientation="RAS", spacing=(2, 2, 2))
+        (20, 16, 39)
+    """
+    dims = len(shape)
+    placeholder = torch.zeros((1,) * (dims + 1)).expand(1, *(int(s) for s in shape))
+    data: Any = {"image": MetaTensor(placeholder, affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)))}
+    for step in geometry_steps(orientation, spacing, dims, ("image",), ("bilinear",)):
+        data = step(data, lazy=True)
+    return tuple(int(s) for s in data["image"].peek_pending_shape())
 
 
 def _intensity(pre: PreprocessConfig) -> Any:

@@ -1,4 +1,4 @@
-"""Request parsing and validation for the segmentation endpoint (no Ray, no torch).
+"""Request parsing and validation for the segmentation endpoint (no Ray; torch only in plans).
 
 Everything a client sends is checked here before any model code runs, so a bad request costs little and
 never a crash, a hang or a memory spike. The app runs these functions in a worker thread, never on the
@@ -14,7 +14,8 @@ event loop.
   are capped too (a stream of empty members or empty blocks costs CPU and produces nothing).
 * :func:`plan_inference` bounds what inference will really allocate: the volume resampled to the
   model's spacing with every axis padded up to the ROI (what MONAI's sliding window allocates), a
-  minimum edge, and an estimate of peak memory against a budget.
+  minimum edge, and an estimate of peak memory against a budget. The resampled grid is the one MONAI's
+  own orientation and resampling steps compute from the header (lazily: no voxel is touched).
 * :func:`decode_nifti` builds the array and affine from the bounded bytes with nibabel (in memory; no
   file is ever opened on behalf of a request). Header extensions are never parsed: their flag is cleared
   first (they are not needed to segment, and a block of tiny extensions is a CPU amplifier).
@@ -433,21 +434,16 @@ def estimate_inference_bytes(
     return original_voxels * original + resampled_voxels * resampled + padded_voxels * padded
 
 
-def _orientation_axes(affine: np.ndarray, dims: int, orientation: str | None) -> list[int]:
-    """For each axis of the file, the axis it becomes after reorientation (identity without one)."""
-    if not orientation or dims != 3:
-        return list(range(dims))
-    try:
-        import nibabel as nib
-
-        axes = [int(a) for a in nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))[:, 0]]
-    except Exception:  # noqa: BLE001 - a degenerate affine: keep the file's axes (the ROI check still runs)
-        return list(range(dims))
-    return axes if sorted(axes) == list(range(dims)) else list(range(dims))
-
-
 def _linear_part(affine: np.ndarray, dims: int) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64)[:3, :dims]
+
+
+def _affine_nd(affine: np.ndarray, dims: int) -> np.ndarray:
+    """The NIfTI 4×4 affine restricted to ``dims`` spatial axes (a 2-D model sees its first two)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if dims == 3:
+        return a
+    return np.block([[a[:dims, :dims], a[:dims, 3:4]], [np.zeros((1, dims)), np.ones((1, 1))]])
 
 
 def plan_inference(
@@ -484,22 +480,19 @@ def plan_inference(
             422, f"image {shape} has an axis shorter than {min_edge} voxels; this server segments volumes "
             f"of at least {min_edge} voxels per axis"
         )
-    if spacing is None:
-        resampled = shape
-    else:
-        resampled = tuple(
-            max(1, math.ceil(n * float(z) / float(t) - 1e-6)) for n, z, t in zip(shape, zooms, spacing, strict=True)
-        )
+    # The grid MONAI's orientation and resampling steps will build (model axis order), computed by those
+    # very steps on metadata: a sheared or oblique affine gets its real extent, not its column norms.
+    # Imported here: torch and MONAI load where plans are made (the replica), never in the HTTP proxy,
+    # which imports this module for the token check.
+    from hypersort_ray.data.transforms import model_grid_shape
+
+    resampled = model_grid_shape(shape, _affine_nd(affine, dims), orientation=orientation, spacing=spacing)
     if min(resampled) < min_edge:
         raise RequestError(
             422, f"image {shape} with voxel size {_mm(zooms)} mm becomes {resampled} at the model's spacing "
             f"{list(spacing or [])} mm; this server needs at least {min_edge} voxels per axis there"
         )
-    axes = _orientation_axes(affine, dims, orientation)
-    padded_list = [0] * dims
-    for src, dst in enumerate(axes):
-        padded_list[dst] = max(resampled[src], int(roi_size[dst]))
-    padded = tuple(padded_list)
+    padded = tuple(max(n, int(r)) for n, r in zip(resampled, roi_size, strict=True))
     voxels = math.prod(padded)
     if voxels > max_voxels:
         raise RequestError(

@@ -87,6 +87,31 @@ def test_minimum_edge_in_the_file_and_at_the_models_spacing():
     assert plan((40, 40, 40), np.diag([1e-6, 1e-6, 1e-6, 1.0]), spacing=None).resampled == (40, 40, 40)
 
 
+def test_the_plan_is_the_grid_preprocessing_builds():
+    """Oblique, sheared and axis-swapping affines: the planned grid is the prepared image's shape."""
+    from hypersort_ray.config import PreprocessConfig
+    from hypersort_ray.data.transforms import load_image_for_inference
+
+    pre = PreprocessConfig(spacing=(2.0, 2.0, 2.0), orientation="RAS", roi_size=ROI)
+    rng = np.random.default_rng(7)
+    for _ in range(6):
+        affine = np.eye(4)
+        affine[:3, :3] = rng.normal(scale=1.5, size=(3, 3))
+        affine[:3, 3] = rng.normal(scale=20, size=3)
+        shape = tuple(int(s) for s in rng.integers(6, 24, size=3))
+        planned = plan(shape, affine, orientation="RAS", max_voxels=10**7).resampled
+        prepared = load_image_for_inference(rng.random(shape).astype(np.float32), pre, affine=affine)
+        assert planned == tuple(prepared.image.shape[1:]), (shape, affine)
+
+
+def test_a_sheared_slab_is_refused_like_a_thin_one():
+    # Every voxel column is >= 2 mm long, but the volume is 0.8 mm thick: MONAI resamples it to one slice.
+    sheared = np.array([[2.0, 2.0, 0, 0], [0, 0.02, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    err = expect(422, plan, (40, 40, 40), sheared, orientation="RAS", match="at least 2 voxels per axis")
+    assert "(79, 1, 40)" in err.detail
+    expect(422, plan, (40, 40, 40), np.diag([2.0, 0.02, 2.0, 1.0]), match="at least 2 voxels per axis")
+
+
 def test_unusable_affines_are_422():
     nan = TWO_MM.copy()
     nan[0, 3] = np.nan
