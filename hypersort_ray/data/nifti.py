@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from hypersort_ray.atomic import atomic_save_nifti
+from hypersort_ray.errors import DataError
 
 __all__ = ["NIFTI_EXTENSIONS", "NiftiGeometry", "encode_like", "image_like", "nifti_stem", "save_like"]
 
@@ -69,14 +70,24 @@ class NiftiGeometry:
 
     @classmethod
     def from_header(cls, header: Any, shape: tuple[int, ...] | None = None) -> NiftiGeometry:
-        """The geometry of a nibabel NIfTI-1/2 header (``shape`` default: the header's own)."""
+        """The geometry of a nibabel NIfTI-1/2 header (``shape`` default: the header's own).
+
+        Raises:
+            DataError: a coded qform or sform that no output could carry (NaN/inf, an invalid quaternion,
+                a matrix that is not a rotation with voxel sizes): refused here, before any work is done
+                for an image whose result could not be written.
+        """
         import nibabel as nib
 
-        qform, qcode = header.get_qform(coded=True)
-        sform, scode = header.get_sform(coded=True)
-        return cls(
+        try:
+            qform, qcode = header.get_qform(coded=True)
+            sform, scode = header.get_sform(coded=True)
+            best = header.get_best_affine()
+        except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a broken header
+            raise DataError(f"NIfTI header: its qform/sform cannot be read ({exc})") from None
+        geometry = cls(
             shape=tuple(int(s) for s in (shape if shape is not None else header.get_data_shape())),
-            affine=np.asarray(header.get_best_affine(), dtype=np.float64),
+            affine=np.asarray(best, dtype=np.float64),
             qform=None if qform is None else np.asarray(qform, dtype=np.float64),
             sform=None if sform is None else np.asarray(sform, dtype=np.float64),
             qform_code=int(qcode or 0),
@@ -84,6 +95,19 @@ class NiftiGeometry:
             xyzt_units=int(header["xyzt_units"]),
             nifti2=isinstance(header, nib.Nifti2Header),
         )
+        geometry.check_writable()
+        return geometry
+
+    def check_writable(self) -> None:
+        """Raise :class:`DataError` unless an image on this geometry can be written (its forms applied to
+        a one-voxel image, the very calls :func:`image_like` makes)."""
+        for name, form in (("affine", self.affine), ("qform", self.qform), ("sform", self.sform)):
+            if form is not None and not np.isfinite(form).all():
+                raise DataError(f"NIfTI header: the {name} contains NaN or inf")
+        try:
+            _apply_forms(_new_image(np.zeros((1, 1, 1), np.uint8), self), self)
+        except Exception as exc:  # noqa: BLE001 - nibabel's HeaderDataError, LinAlgError, ValueError
+            raise DataError(f"NIfTI header: its qform/sform cannot be written back ({exc})") from None
 
     @classmethod
     def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> NiftiGeometry:
@@ -106,14 +130,23 @@ def image_like(data: np.ndarray, geometry: NiftiGeometry, dtype: Any = None) -> 
 
     Intensity scaling is reset (slope 1, intercept 0): values are stored as given.
     """
-    import nibabel as nib
-
     dtype = np.dtype(dtype or data.dtype)
     arr = np.ascontiguousarray(_fit(np.asarray(data), geometry.shape)).astype(dtype, copy=False)
-    klass = nib.Nifti2Image if geometry.nifti2 else nib.Nifti1Image
-    img = klass(arr, geometry.affine)
+    img = _new_image(arr, geometry)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    return _apply_forms(img, geometry)
+
+
+def _new_image(arr: np.ndarray, geometry: NiftiGeometry) -> Any:
+    import nibabel as nib
+
+    klass = nib.Nifti2Image if geometry.nifti2 else nib.Nifti1Image
+    return klass(arr, geometry.affine)
+
+
+def _apply_forms(img: Any, geometry: NiftiGeometry) -> Any:
+    """The source's qform, sform (each with its code) and units on ``img``."""
     if geometry.qform_code is not None:
         img.set_qform(geometry.qform if geometry.qform is not None else geometry.affine, code=geometry.qform_code)
     if geometry.sform_code is not None:

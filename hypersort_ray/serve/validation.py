@@ -605,6 +605,7 @@ def decode_nifti(
     import nibabel as nib
 
     from hypersort_ray.data.nifti import NiftiGeometry
+    from hypersort_ray.errors import DataError
 
     header = read_nifti_header(data, max_voxels=max_voxels)
     spatial = check_volume_shape(header.shape, spatial_dims)
@@ -632,6 +633,11 @@ def decode_nifti(
             units = int(hdr["xyzt_units"])
     except RequestError:
         raise
+    except DataError as exc:  # a qform/sform that the mask could not carry: refused before any inference
+        raise RequestError(
+            422, "the NIfTI qform or sform is unusable (NaN/inf, or not a rotation with voxel sizes); "
+            "this server writes the mask with the image's own forms", log_detail=str(exc),
+        ) from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on malformed input
         raise RequestError(400, "cannot read the NIfTI data", log_detail=f"{type(exc).__name__}: {exc}") from None
     if not np.isfinite(affine).all():

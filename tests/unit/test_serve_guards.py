@@ -683,6 +683,43 @@ def test_mask_keeps_nifti2_and_both_forms():
     assert four.shape == (5, 6, 7, 2)
 
 
+def _forms_then(patch) -> bytes:
+    """A NIfTI-1 whose qform (code 1) and sform (code 2) are both 2 mm, then one header field patched."""
+    img = nib.Nifti1Image(np.full((6, 6, 6), 50, np.int16), TWO_MM)
+    img.set_qform(TWO_MM, code=1)
+    img.set_sform(TWO_MM, code=2)
+    raw = bytearray(img.to_bytes())
+    patch(raw)
+    return gzip.compress(bytes(raw))
+
+
+@pytest.mark.parametrize("patch", [
+    pytest.param(lambda raw: struct.pack_into("<f", raw, 76 + 8, float("nan")), id="nan-pixdim-of-the-qform"),
+    pytest.param(lambda raw: struct.pack_into("<f", raw, 256, float("nan")), id="nan-quaternion"),
+    pytest.param(lambda raw: struct.pack_into("<f", raw, 256, 5.0), id="impossible-quaternion"),
+    pytest.param(lambda raw: struct.pack_into("<f", raw, 268, float("inf")), id="inf-qoffset"),
+    pytest.param(lambda raw: struct.pack_into("<f", raw, 280, float("nan")), id="nan-in-the-sform"),
+])
+def test_forms_the_mask_could_not_carry_are_422_before_inference(patch):
+    """Before, a broken qform next to a good sform decoded fine, the whole inference ran, and writing the
+    mask failed: a 500. Now the decode refuses it (nothing runs), in words without exception text."""
+    err = expect(422, decode_nifti, _forms_then(patch), max_voxels=1000, spatial_dims=3, match="qform or sform")
+    assert "decompose" not in err.detail and "[[" not in err.detail  # no nibabel text, no matrices
+    assert err.log_detail  # what nibabel said stays in the server log
+    vol = decode_nifti(_forms_then(lambda raw: None), max_voxels=1000, spatial_dims=3)
+    vol.geometry.check_writable()
+
+
+def test_predict_names_an_unwritable_form(tmp_path):
+    from hypersort_ray.data.nifti import NiftiGeometry
+    from hypersort_ray.errors import DataError
+
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(_forms_then(lambda raw: struct.pack_into("<f", raw, 256, float("nan"))))
+    with pytest.raises(DataError, match="qform"):
+        NiftiGeometry.from_header(nib.load(path).header)
+
+
 def test_settings_defaults_are_closed():
     from hypersort_ray.config import ServeSettings
 
