@@ -478,6 +478,12 @@ def load_image_for_inference(
         meta = {"original_affine": affine.copy(), "spatial_shape": np.asarray(arr.shape[1:])}
         mt = MetaTensor(arr.float(), affine=torch.as_tensor(affine), meta=meta)
         image = Compose(_inference_steps(pre))({"image": mt})["image"]
+    if not torch.isfinite(image).all():
+        # Finite voxels near float32's limit (±3e38) overflow the percentile scaling to inf/NaN, and the
+        # network would return an all-background mask for them as if it were an answer.
+        raise DataError(
+            "image intensities overflow float32 when normalised (values near ±3.4e38); rescale the image"
+        )
     # Trace IDs name transform *instances*; reset them so a freshly built pipeline (another process,
     # a serve replica) can invert this image.
     reset_ops_id(image)

@@ -222,6 +222,17 @@ def test_non_finite_image(model, tmp_path, bad):
         model.predict(path)
 
 
+def test_intensities_that_overflow_the_normalisation_are_refused(model, tmp_path):
+    """±3e38 is finite but (x - p0.5) / (p99.5 - p0.5) overflows float32: NaN, then an all-background
+    "answer". It is refused with the reason instead (the endpoint answers 422)."""
+    data = np.where(_phantom() > 0.5, 3e38, -3e38).astype(np.float32)
+    with pytest.raises(ModelError, match="overflow float32"):
+        model.predict(data)
+    path = _save(tmp_path / "huge.nii.gz", data, _affine())
+    with pytest.raises(ModelError, match="overflow float32"):
+        model.predict(path)
+
+
 def test_2d_image_for_3d_model(model, tmp_path):
     with pytest.raises(ModelError, match=r"shape \(20, 18\).*3D volumes"):
         model.predict(np.ones((20, 18), np.float32))
