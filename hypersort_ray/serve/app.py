@@ -232,7 +232,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
-        parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "value_error" or "<" in msg:  # a validator's own text: Python reprs, not for the wire
+            msg = "send the image as a file part with a filename" if loc == "file" else "invalid value"
+        parts.append(f"{loc or 'request'}: {msg}")
     return error_response(request, 422, "; ".join(parts) or "invalid request")
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,11 +221,16 @@ class GuardSettings:
         return bool(self.token or self.token_sha256)
 
 
-def _hostname(value: str) -> str:
-    """``[::1]:8000`` → ``::1``, ``Example.org:80`` → ``example.org``, ``::1`` → ``::1``."""
+_BRACKETED = re.compile(r"^\[([0-9a-f:.]+)\](?::[0-9]{1,5})?$")
+
+
+def _hostname(value: str) -> str | None:
+    """``[::1]:8000`` → ``::1``, ``Example.org:80`` → ``example.org``, ``::1`` → ``::1``; None for a
+    bracketed host with anything but a port after it (``[::1]evil.example``)."""
     v = value.strip().lower()
     if v.startswith("["):
-        return v[1 : v.find("]")] if "]" in v else v[1:]
+        match = _BRACKETED.match(v)
+        return match.group(1) if match else None
     if v.count(":") == 1:
         return v.rsplit(":", 1)[0]
     return v
@@ -237,6 +243,8 @@ def host_allowed(host_header: str | None, allowed: Collection[str]) -> bool:
     if not host_header:
         return False
     host = _hostname(host_header)
+    if not host:
+        return False
     for pattern in allowed:
         p = pattern.strip().lower()
         if p.startswith("*.") and host.endswith(p[1:]):

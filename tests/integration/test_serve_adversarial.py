@@ -304,6 +304,19 @@ def assert_error(r, status: int, words: str = "", run_dir: Path | None = None) -
     return body
 
 
+def _nan_qform_beside_a_good_sform() -> bytes:
+    img = nib.Nifti1Image(_image(), TWO_MM)
+    img.set_qform(TWO_MM, code=1)
+    img.set_sform(TWO_MM, code=2)  # the best affine, and finite: only the mask's qform would fail
+    return gzip.compress(_patched(img.to_bytes(), 256, "<f", float("nan")))  # quatern_b
+
+
+def _sheared_slab() -> bytes:
+    # every voxel column >= 2 mm long, the volume 0.8 mm thick: MONAI resamples it to one slice
+    sheared = np.array([[2.0, 2.0, 0, 0], [0, 0.02, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    return _nifti(_image((40, 40, 40)), affine=sheared)
+
+
 # --------------------------------------------------------------------------------- hostile uploads
 HOSTILE = [
     # (id, payload builder, form data, expected status, words the detail must contain)
@@ -347,6 +360,11 @@ HOSTILE = [
     ("two-d", lambda: _nifti(_image()[:, :, 0]), {}, 422, "3D"),
     ("one-voxel-axis", lambda: _nifti(_image((24, 20, 1))), {}, 422, "at least"),
     ("nan-voxels", lambda: _nifti(np.full((8, 8, 8), np.nan, np.float32), affine=TWO_MM), {}, 422, "NaN"),
+    ("nan-qform-beside-good-sform", _nan_qform_beside_a_good_sform, {}, 422, "qform or sform"),
+    ("sheared-slab", _sheared_slab, {}, 422, "at least 2 voxels"),
+    ("intensities-overflow-float32",
+     lambda: _nifti(np.where(_image() > np.median(_image()), 3e38, -3e38).astype(np.float32), affine=TWO_MM), {},
+     422, "overflow"),
     ("empty-file", lambda: b"", {}, 400, "empty"),
     ("latent-huge-integer", lambda: _nifti(_image()), {"latent": "[" + "9" * 5000 + ", 0]"}, 422, "characters"),
     ("latent-long-number", lambda: _nifti(_image()), {"latent": "[0." + "1" * 40 + ", 0]"}, 422, "characters"),
@@ -428,6 +446,10 @@ def test_empty_and_missing_bodies(client):
     assert_error(client.post("/v1/segment", headers=AUTH), 415, "multipart")
     r = client.post("/v1/segment", headers=AUTH, files={"style": (None, "main")})
     assert_error(r, 422, "file")
+    # a `file` part without a filename: FastAPI's own message names a Python class; ours does not
+    r = client.post("/v1/segment", headers=AUTH, files={"file": (None, b"not a file part")})
+    assert_error(r, 422, "file part with a filename")
+    assert "<class" not in r.text
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded"])

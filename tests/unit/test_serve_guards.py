@@ -464,7 +464,8 @@ def test_host_allow_list():
     allowed = ["127.0.0.1", "localhost", "::1", "*.example.org"]
     for host in ("127.0.0.1:8000", "LOCALHOST", "[::1]:8000", "api.example.org", "a.b.example.org:443"):
         assert host_allowed(host, allowed), host
-    for host in (None, "", "evil.example", "example.org.evil.com", "127.0.0.2:8000", "[::2]"):
+    for host in (None, "", "evil.example", "example.org.evil.com", "127.0.0.2:8000", "[::2]",
+                 "[::1]evil.example", "[::1]:8000x", "[::1"):  # a bracket, then anything but a port
         assert not host_allowed(host, allowed), host
     assert host_allowed("anything", ["*"]) and host_allowed("anything", [])
     app = _guard(allowed_hosts=("127.0.0.1",))
