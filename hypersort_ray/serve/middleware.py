@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypersort_ray.serve.validation import bearer_token_ok
@@ -65,8 +66,49 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _TooManyParts(_BodyTooLarge):
+    """A multipart body with more delimiters than any upload to this endpoint needs."""
+
+
+#: Multipart delimiters a body may hold. An upload is a file and a few fields (style, latent); each
+#: delimiter costs the form parser a slow path, so a body made of them (20 MiB of ``\r\n--B`` + one
+#: byte) costs the replica's event loop tens of times what a plain body of that size does.
+MAX_MULTIPART_PARTS = 64
+
+
 def _too_large_detail(limit: int) -> str:
     return f"request body exceeds the limit of {limit / 2**20:.4g} MiB (max_body_mb)"
+
+
+def _too_many_parts_detail() -> str:
+    return (f"the multipart body holds more than {MAX_MULTIPART_PARTS} parts; this endpoint takes one file "
+            "and at most a few form fields")
+
+
+def _multipart_delimiter(scope: Scope) -> bytes | None:
+    """``\r\n--BOUNDARY`` of a multipart request (None for other content types or no boundary)."""
+    value = _header(scope, b"content-type")
+    if not value or not value.lower().startswith(b"multipart/"):
+        return None
+    _, params = parse_options_header(value)
+    boundary = params.get(b"boundary")
+    return b"\r\n--" + boundary if boundary else None
+
+
+class _DelimiterCounter:
+    """Counts ``delimiter`` in a body that arrives in chunks (matches across chunk edges included)."""
+
+    def __init__(self, delimiter: bytes):
+        self.delimiter = delimiter
+        self.count = 0
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> int:
+        data = self._tail + chunk
+        self.count += data.count(self.delimiter)
+        # keep what could start a match that the next chunk completes (never a whole match)
+        self._tail = data[-(len(self.delimiter) - 1):] if len(self.delimiter) > 1 else b""
+        return self.count
 
 
 async def send_error(
@@ -125,11 +167,14 @@ def _request_id(scope: Scope) -> str:
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 (the JSON error shape) when a request body exceeds ``limit_bytes()``.
+    """Answer 413 (the JSON error shape) when a request body exceeds ``limit_bytes()``, and 400 when a
+    multipart body holds more than :data:`MAX_MULTIPART_PARTS` delimiters.
 
     * a ``Content-Length`` above the limit is answered at once, without reading the body;
     * a body without a length (chunked) is counted while it streams; at the first byte over the limit the
-      parser is stopped and the client gets 413 instead of whatever the parser made of the cut-off body.
+      parser is stopped and the client gets 413 instead of whatever the parser made of the cut-off body;
+    * multipart delimiters are counted as the body streams (a C-speed ``bytes.count`` per chunk), so the
+      form parser never meets a body built to make it slow.
 
     Args:
         app: the wrapped ASGI app.
@@ -156,28 +201,38 @@ class BodySizeLimitMiddleware:
             return
 
         received = 0
-        exceeded = False
+        refusal: tuple[int, str] | None = None  # (status, detail) once the body is refused
         started = False
+        delimiter = _multipart_delimiter(scope)
+        parts = _DelimiterCounter(delimiter) if delimiter else None
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
+            nonlocal received, refusal
+            if refusal is not None:
                 raise _BodyTooLarge
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
-                    exceeded = True
+                    refusal = (413, _too_large_detail(limit))
                     raise _BodyTooLarge
+                if parts is not None and parts.feed(chunk) > MAX_MULTIPART_PARTS + 1:
+                    refusal = (400, _too_many_parts_detail())
+                    raise _TooManyParts
             return message
+
+        async def answer() -> None:
+            if not started and refusal is not None:
+                await send_error(send, refusal[0], refusal[1], request_id)
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:
-                # The parser turned our signal into its own error response: replace it by the 413.
+            if refusal is not None:
+                # The parser turned our signal into its own error response: replace it by ours.
                 if message["type"] == "http.response.start" and not started:
+                    await answer()
                     started = True
-                    await send_error(send, 413, _too_large_detail(limit), request_id)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -186,14 +241,12 @@ class BodySizeLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if not started:
-                await send_error(send, 413, _too_large_detail(limit), request_id)
+            await answer()
         except BaseExceptionGroup as group:  # anyio task groups wrap it
             match, rest = group.split(_BodyTooLarge)
             if match is None or rest is not None:
                 raise
-            if not started:
-                await send_error(send, 413, _too_large_detail(limit), request_id)
+            await answer()
 
 
 @dataclass(frozen=True)

@@ -268,8 +268,9 @@ def test_build_args():
 
 
 # ------------------------------------------------------------------------------------ middleware
-async def _call(app, body_chunks: list[bytes], content_length: int | None):
-    headers = [(b"content-type", b"application/octet-stream")]
+async def _call(app, body_chunks: list[bytes], content_length: int | None,
+                content_type: bytes = b"application/octet-stream"):
+    headers = [(b"content-type", content_type)]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
     scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
@@ -324,6 +325,40 @@ def test_body_limit_middleware(declared):
 def test_body_limit_off():
     app = BodySizeLimitMiddleware(_echo_app(), limit_bytes=lambda: None)
     assert asyncio.run(_call(app, [b"x" * 1000], 1000))[0]["status"] == 200
+
+
+def test_delimiter_counter_counts_across_chunk_edges():
+    from hypersort_ray.serve.middleware import _DelimiterCounter
+
+    rng = np.random.default_rng(3)
+    delimiter = b"\r\n--b0undary"
+    body = b"".join(delimiter if rng.random() < 0.3 else bytes(rng.integers(0, 256, 7, dtype=np.uint8))
+                    for _ in range(400))
+    for _ in range(20):
+        cuts = sorted(rng.integers(0, len(body), 12).tolist())
+        counter = _DelimiterCounter(delimiter)
+        for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True):
+            counter.feed(body[a:b])
+        assert counter.count == body.count(delimiter)
+
+
+def test_multipart_bodies_built_of_delimiters_are_refused():
+    """A body of ``\r\n--B`` + one byte, repeated, costs Starlette's form parser tens of times a plain
+    body: refused while it streams, after MAX_MULTIPART_PARTS delimiters, before the parser sees more."""
+    from hypersort_ray.serve.middleware import MAX_MULTIPART_PARTS
+
+    app = BodySizeLimitMiddleware(_echo_app(), limit_bytes=lambda: 10**8)
+    ctype = b"multipart/form-data; boundary=x"
+    head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.nii.gz"\r\n\r\n'
+    hostile = [head] + [b"\r\n--xZ" * 1000] * 50
+    sent = asyncio.run(_call(app, hostile, None, ctype))
+    assert sent[0]["status"] == 400 and b"parts" in sent[1]["body"]
+    assert len([m for m in sent if m["type"] == "http.response.start"]) == 1
+    fields = b"".join(b'\r\n--x\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv' % i
+                      for i in range(MAX_MULTIPART_PARTS - 2))
+    normal = [head + b"\x00" * 5000, fields, b"\r\n--x--\r\n"]  # a file, 62 fields, the closing line
+    assert asyncio.run(_call(app, normal, None, ctype))[0]["status"] == 200
+    assert asyncio.run(_call(app, hostile, None))[0]["status"] == 200  # not multipart: nothing to count
 
 
 def test_configs_serve_yaml_is_the_defaults():
