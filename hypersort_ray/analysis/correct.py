@@ -274,7 +274,8 @@ def _correct_case(case: Case, model: SegmentationModel, style_id: str, out: Path
     corrected, stats = _corrected_label(raw, mask, model.config.preprocessing.label, model.num_classes)
     target = out / f"{case.case_id}.nii.gz"
     # The given label's grid, qform/sform and data type: the file replaces it in any viewer or pipeline.
-    save_like(target, corrected, NiftiGeometry.from_header(ref.header), dtype=ref.get_data_dtype())
+    geometry = NiftiGeometry.from_header(ref.header, source=f"case {case.case_id}: label {case.label}")
+    save_like(target, corrected, geometry, dtype=ref.get_data_dtype())
     return {"index": case.index, "case_id": case.case_id, "style": style_id, **stats, "path": str(target)}
 
 

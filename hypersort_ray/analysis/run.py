@@ -555,7 +555,7 @@ def _main_style_pass(
                 for column, value in localise(label, pred, img.affine).columns().items():
                     locations[column][row] = value
             if maps_dir is not None:
-                geometry = NiftiGeometry.from_header(img.header)
+                geometry = NiftiGeometry.from_header(img.header, source=f"case {case.case_id}: label {case.label}")
                 path = inputs.run.analysis.disagreement_map(case.case_id, folder=maps_dir)
                 save_like(path, disagreement_map(label, pred), geometry, dtype=np.uint8)
     return (values if score else None), locations

@@ -69,8 +69,9 @@ class NiftiGeometry:
     nifti2: bool = False
 
     @classmethod
-    def from_header(cls, header: Any, shape: tuple[int, ...] | None = None) -> NiftiGeometry:
-        """The geometry of a nibabel NIfTI-1/2 header (``shape`` default: the header's own).
+    def from_header(cls, header: Any, shape: tuple[int, ...] | None = None, source: str = "NIfTI header") -> NiftiGeometry:
+        """The geometry of a nibabel NIfTI-1/2 header (``shape`` default: the header's own; ``source``
+        names the file in errors).
 
         Raises:
             DataError: a coded qform or sform that no output could carry (NaN/inf, an invalid quaternion,
@@ -84,7 +85,7 @@ class NiftiGeometry:
             sform, scode = header.get_sform(coded=True)
             best = header.get_best_affine()
         except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a broken header
-            raise DataError(f"NIfTI header: its qform/sform cannot be read ({exc})") from None
+            raise DataError(f"{source}: its qform/sform cannot be read ({exc})") from None
         geometry = cls(
             shape=tuple(int(s) for s in (shape if shape is not None else header.get_data_shape())),
             affine=np.asarray(best, dtype=np.float64),
@@ -95,19 +96,19 @@ class NiftiGeometry:
             xyzt_units=int(header["xyzt_units"]),
             nifti2=isinstance(header, nib.Nifti2Header),
         )
-        geometry.check_writable()
+        geometry.check_writable(source)
         return geometry
 
-    def check_writable(self) -> None:
-        """Raise :class:`DataError` unless an image on this geometry can be written (its forms applied to
-        a one-voxel image, the very calls :func:`image_like` makes)."""
+    def check_writable(self, source: str = "NIfTI header") -> None:
+        """Raise :class:`DataError` (naming ``source``) unless an image on this geometry can be written:
+        its forms applied to a one-voxel image, the very calls :func:`image_like` makes."""
         for name, form in (("affine", self.affine), ("qform", self.qform), ("sform", self.sform)):
             if form is not None and not np.isfinite(form).all():
-                raise DataError(f"NIfTI header: the {name} contains NaN or inf")
+                raise DataError(f"{source}: the {name} contains NaN or inf")
         try:
             _apply_forms(_new_image(np.zeros((1, 1, 1), np.uint8), self), self)
         except Exception as exc:  # noqa: BLE001 - nibabel's HeaderDataError, LinAlgError, ValueError
-            raise DataError(f"NIfTI header: its qform/sform cannot be written back ({exc})") from None
+            raise DataError(f"{source}: its qform/sform cannot be written back ({exc})") from None
 
     @classmethod
     def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> NiftiGeometry:

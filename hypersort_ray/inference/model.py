@@ -231,7 +231,10 @@ class HyperSortModel:
             source = str(image)
             data, img = read_nifti(Path(image))
             affine_arr = check_affine(img.affine, dims, source=source)
-            geometry = NiftiGeometry.from_header(img.header, shape=data.shape[: max(3, dims)])
+            try:
+                geometry = NiftiGeometry.from_header(img.header, shape=data.shape[: max(3, dims)], source=source)
+            except HypersortError as exc:
+                raise ModelError(f"image {exc}") from exc
             channel_last = True
         else:
             if affine is not None and not isinstance(affine, np.ndarray) and len(affine) == 0:

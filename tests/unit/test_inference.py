@@ -233,6 +233,20 @@ def test_intensities_that_overflow_the_normalisation_are_refused(model, tmp_path
         model.predict(path)
 
 
+def test_a_broken_qform_is_named_with_its_file_before_inference(model, tmp_path):
+    import struct
+
+    img = nib.Nifti1Image(_phantom(), _affine())
+    img.set_qform(_affine(), code=1)
+    img.set_sform(_affine(), code=2)
+    raw = bytearray(img.to_bytes())
+    struct.pack_into("<f", raw, 256, float("nan"))  # quatern_b: the qform only (the sform is the best affine)
+    path = tmp_path / "broken_qform.nii"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match=rf"image {path}: the qform contains NaN or inf"):
+        model.predict(path)
+
+
 def test_2d_image_for_3d_model(model, tmp_path):
     with pytest.raises(ModelError, match=r"shape \(20, 18\).*3D volumes"):
         model.predict(np.ones((20, 18), np.float32))
