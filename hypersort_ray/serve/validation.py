@@ -486,7 +486,11 @@ def plan_inference(
     # which imports this module for the token check.
     from hypersort_ray.data.transforms import model_grid_shape
 
-    resampled = model_grid_shape(shape, _affine_nd(affine, dims), orientation=orientation, spacing=spacing)
+    try:
+        resampled = model_grid_shape(shape, _affine_nd(affine, dims), orientation=orientation, spacing=spacing)
+    except (np.linalg.LinAlgError, ValueError, RuntimeError) as exc:  # MONAI's Cholesky of near-collinear axes
+        raise RequestError(422, "the NIfTI affine is nearly singular (its voxel axes are almost collinear)",
+                           log_detail=f"{type(exc).__name__}: {exc}") from None
     if min(resampled) < min_edge:
         raise RequestError(
             422, f"image {shape} with voxel size {_mm(zooms)} mm becomes {resampled} at the model's spacing "

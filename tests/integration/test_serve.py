@@ -356,7 +356,8 @@ BAD_INPUTS = [
     ("body-too-large", lambda: os.urandom(int(MAX_BODY_MB * 2**20) + 4096), {}, 413, "max_body_mb"),
     ("too-many-voxels", lambda: gzip.compress(_header_claiming((64, 64, 64))), {}, 413, "voxels"),
     ("bomb-lying-header", lambda: gzip.compress(_header_claiming((512, 512, 512)) + b"\0" * 2**20), {}, 413, "voxels"),
-    ("coarse-voxels", lambda: _nifti(_image((8, 8, 8)), affine=np.diag([8.0, 8.0, 8.0, 1.0])), {}, 413, "spacing"),
+    # 10³ at 8 mm is 37³ at 2 mm (MONAI's grid: (10 - 1) · 8 / 2 + 1), over MAX_VOXELS = 30³
+    ("coarse-voxels", lambda: _nifti(_image((10, 10, 10)), affine=np.diag([8.0, 8.0, 8.0, 1.0])), {}, 413, "spacing"),
     ("complex-datatype", lambda: _header_claiming((8, 8, 8), datatype=32), {}, 422, "complex"),
     ("empty-file", lambda: b"", {}, 400, "empty"),
 ]
