@@ -446,6 +446,22 @@ def _affine_nd(affine: np.ndarray, dims: int) -> np.ndarray:
     return np.block([[a[:dims, :dims], a[:dims, 3:4]], [np.zeros((1, dims)), np.ones((1, 1))]])
 
 
+def _model_grid(
+    shape: Sequence[int], affine: np.ndarray, *, orientation: str | None, spacing: Sequence[float] | None
+) -> tuple[int, ...]:
+    """The grid MONAI's orientation and resampling steps will build (model axis order), computed by those
+    very steps on metadata: a sheared or oblique affine gets its real extent, not its column norms."""
+    # Imported here: torch and MONAI load where plans are made (the replica), never in the HTTP proxy,
+    # which imports this module for the token check.
+    from hypersort_ray.data.transforms import model_grid_shape
+
+    try:
+        return model_grid_shape(shape, _affine_nd(affine, len(shape)), orientation=orientation, spacing=spacing)
+    except (np.linalg.LinAlgError, ValueError, RuntimeError) as exc:  # MONAI's Cholesky of near-collinear axes
+        raise RequestError(422, "the NIfTI affine is nearly singular (its voxel axes are almost collinear)",
+                           log_detail=f"{type(exc).__name__}: {exc}") from None
+
+
 def plan_inference(
     shape: Sequence[int],
     affine: np.ndarray,
@@ -480,17 +496,7 @@ def plan_inference(
             422, f"image {shape} has an axis shorter than {min_edge} voxels; this server segments volumes "
             f"of at least {min_edge} voxels per axis"
         )
-    # The grid MONAI's orientation and resampling steps will build (model axis order), computed by those
-    # very steps on metadata: a sheared or oblique affine gets its real extent, not its column norms.
-    # Imported here: torch and MONAI load where plans are made (the replica), never in the HTTP proxy,
-    # which imports this module for the token check.
-    from hypersort_ray.data.transforms import model_grid_shape
-
-    try:
-        resampled = model_grid_shape(shape, _affine_nd(affine, dims), orientation=orientation, spacing=spacing)
-    except (np.linalg.LinAlgError, ValueError, RuntimeError) as exc:  # MONAI's Cholesky of near-collinear axes
-        raise RequestError(422, "the NIfTI affine is nearly singular (its voxel axes are almost collinear)",
-                           log_detail=f"{type(exc).__name__}: {exc}") from None
+    resampled = _model_grid(shape, affine, orientation=orientation, spacing=spacing)
     if min(resampled) < min_edge:
         raise RequestError(
             422, f"image {shape} with voxel size {_mm(zooms)} mm becomes {resampled} at the model's spacing "
@@ -533,7 +539,7 @@ def check_resampled_size(
     if target_spacing is None:
         return math.prod(int(s) for s in shape)
     zooms = np.sqrt((_linear_part(affine, dims) ** 2).sum(axis=0))
-    edges = [max(1, math.ceil(float(n) * float(z) / float(t))) for n, z, t in zip(shape, zooms, target_spacing, strict=True)]
+    edges = _model_grid(shape, affine, orientation=None, spacing=target_spacing)
     total = math.prod(edges)
     if total > max_voxels:
         raise RequestError(
