@@ -182,6 +182,17 @@ class TrainingConfig(_Strict):
     epochs: PositiveInt = 40
     batch_size: PositiveInt = Field(4, description="Samples per step per worker.")
     lr: PositiveFloat = Field(1e-3, description="Adam learning rate of the hyper-network H.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine",
+        description="H's learning rate over the run: cosine (decays from lr to 0 by the last epoch, after "
+        "the warm-up) or constant. The latents' learning rate stays constant.",
+    )
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the run over which H's learning rate rises linearly from 0 to lr (0: none).",
+    )
     weight_decay: NonNegFloat = 0.0
     l1_weight: NonNegFloat = Field(0.1, description="Weight of ||lambda||_1 in the loss.")
     l1_calibrate: bool = Field(

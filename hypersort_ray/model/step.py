@@ -73,7 +73,15 @@ from hypersort_ray.model.memory import (
     hyper_sizes,
 )
 
-__all__ = ["TrainStep", "METRIC_KEYS", "AUTO_MICRO_BATCH_VOXELS", "PRECISIONS", "resolve_precision"]
+__all__ = [
+    "TrainStep",
+    "METRIC_KEYS",
+    "AUTO_MICRO_BATCH_VOXELS",
+    "LR_SCHEDULES",
+    "PRECISIONS",
+    "resolve_precision",
+    "scheduled_lr",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +119,33 @@ def _release_freed_heap() -> None:
 #: Keys of the dict returned by :meth:`TrainStep.step` (means over the valid samples of the batch, plus
 #: ``samples``, their count).
 METRIC_KEYS = ("loss", "seg_loss", "dice_loss", "ce_loss", "l1", "latent_norm_mean", "dice", "samples")
+
+
+#: ``schedule`` values of :func:`scheduled_lr`.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base: float, progress: float, epochs: float, schedule: str = "constant", warmup: float = 0.0) -> float:
+    """H's learning rate at ``progress`` epochs into a run of ``epochs`` (fractions count: epoch + step /
+    steps per epoch), so a resumed run, on any number of workers, continues the same curve.
+
+    A linear warm-up from 0 over ``warmup`` epochs, then ``base`` (constant) or a half cosine from ``base``
+    down to 0 at ``epochs`` (cosine).
+
+    Example:
+        >>> [round(scheduled_lr(1.0, t, 10, "cosine", warmup=2), 3) for t in (0, 1, 2, 6, 10)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ModelError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if not (epochs > 0 and warmup >= 0 and base >= 0):
+        raise ModelError(f"scheduled_lr: need epochs > 0, warmup >= 0, base >= 0; got {epochs}, {warmup}, {base}")
+    t = min(max(float(progress), 0.0), float(epochs))
+    if warmup > 0 and t < warmup:
+        return base * t / warmup
+    if schedule == "constant" or epochs <= warmup:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -522,6 +557,13 @@ class TrainStep:
         grad_flat = self._seg_backward(flat, image, label, ones)[0]
         (grad,) = torch.autograd.grad(flat, lam, grad_flat)
         return float(grad.norm(dim=1).mean())
+
+    def set_lr(self, lr: float) -> None:
+        """Set H's learning rate for the next steps (a schedule's value; the latents keep their own)."""
+        if not lr >= 0:
+            raise ModelError(f"TrainStep.set_lr: lr must be >= 0, got {lr}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
 
     def state_dict(self) -> dict[str, Any]:
         """H optimizer state and ``l1_weight`` (which a calibration may have changed); tensors, numbers and

@@ -40,7 +40,7 @@ from hypersort_ray.data.truth import perturbed_flags, read_truth_csv, resolve_tr
 from hypersort_ray.errors import ConfigError, RunError
 from hypersort_ray.model.hypernet import HyperNetwork
 from hypersort_ray.model.latents import LatentTable
-from hypersort_ray.model.step import TrainStep
+from hypersort_ray.model.step import TrainStep, scheduled_lr
 from hypersort_ray.model.unet import build_primary
 from hypersort_ray.runs.checkpoint import Checkpoint, load_checkpoint, write_checkpoint_part
 
@@ -383,12 +383,17 @@ def _train_epoch(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext,
     batches, loader = _epoch_loader(state, cfg, ctx, epoch)
     sums = torch.zeros(8, dtype=torch.float64)
     epoch_loss: dict[int, float] = {}
+    lr = float(state.step.optimizer.param_groups[0]["lr"])
     t0 = time.perf_counter()
     for s, (batch, (image, label, index)) in enumerate(zip(batches, loader, strict=True)):
         _maybe_fault(ctx.fault, epoch=epoch, step=s, rank=ctx.rank)
         real = len(batch)
         weight = torch.zeros(tcfg.batch_size, dtype=torch.float32)
         weight[:real] = ctx.world_size / max(state.valid_counts[s], 1)
+        lr = scheduled_lr(
+            tcfg.lr, epoch + s / state.n_steps, tcfg.epochs, tcfg.lr_schedule, tcfg.warmup_fraction * tcfg.epochs
+        )
+        state.step.set_lr(lr)
         out = state.step.step(
             image.to(ctx.device, non_blocking=True),
             label.to(ctx.device, non_blocking=True),
@@ -411,6 +416,7 @@ def _train_epoch(state: _WorkerState, cfg: ExperimentConfig, ctx: WorkerContext,
         **{k: float(sums[i + 1]) / count for i, k in enumerate(("loss", "seg_loss", "dice_loss", "ce_loss", "l1", "dice"))},
         "samples_per_s": float(sums[0]) / max(float(sums[7]) / ctx.world_size, 1e-9),
         "l1_weight": float(state.step.l1_weight),
+        "lr": lr,
     }
 
 

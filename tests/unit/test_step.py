@@ -531,3 +531,19 @@ def test_bf16_falls_back_to_fp16_on_a_gpu_without_native_bfloat16(monkeypatch, c
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast has bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_precision("bf16", cuda) == "bf16"  # Ampere and newer keep bf16
+
+
+def test_scheduled_lr_against_a_plain_formula():
+    import math
+
+    from hypersort_ray.model.step import scheduled_lr
+
+    for t in torch.linspace(0, 10, 41).tolist():
+        warm = t / 2 if t < 2 else None
+        cos = 0.5 * (1 + math.cos(math.pi * (t - 2) / 8))
+        assert scheduled_lr(1e-3, t, 10, "cosine", 2) == pytest.approx(1e-3 * (warm if warm is not None else cos))
+        assert scheduled_lr(1e-3, t, 10, "constant", 2) == pytest.approx(1e-3 * (warm if warm is not None else 1))
+        assert scheduled_lr(1e-3, t, 10) == 1e-3
+    assert scheduled_lr(1.0, 12, 10, "cosine") == 0.0  # clamped to the run
+    with pytest.raises(ModelError, match="schedule"):
+        scheduled_lr(1.0, 1, 10, "step")
