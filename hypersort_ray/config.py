@@ -183,9 +183,9 @@ class TrainingConfig(_Strict):
     batch_size: PositiveInt = Field(4, description="Samples per step per worker.")
     lr: PositiveFloat = Field(1e-3, description="Adam learning rate of the hyper-network H.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "cosine",
-        description="H's learning rate over the run: cosine (decays from lr to 0 by the last epoch, after "
-        "the warm-up) or constant. The latents' learning rate stays constant.",
+        "constant",
+        description="H's learning rate after the warm-up: constant, or cosine (decays from lr to 0 by the "
+        "last epoch). The latents' learning rate stays constant.",
     )
     warmup_fraction: float = Field(
         0.05,
