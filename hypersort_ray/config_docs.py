@@ -43,7 +43,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         "Generated from the pydantic models in `hypersort_ray/config.py` "
-        "(`python -m hypersort_ray.config_docs > docs/configuration.md`). Unknown keys are errors; "
+        "(`python -m hypersort_ray.config_docs > docs/configuration.md`). Unknown and repeated keys are errors; "
         "override any key with `--set key.path=value`.",
     ]
     for title, model in (("Experiment (`hypersort train`, configs/demo.yaml)", ExperimentConfig),

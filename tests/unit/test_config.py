@@ -16,6 +16,8 @@ from hypersort_ray.config import (
     load_config,
     load_serve_settings,
     load_sweep_config,
+    parse_config,
+    read_yaml,
     resolve_config_path,
 )
 from hypersort_ray.errors import ConfigError
@@ -93,6 +95,18 @@ def test_bad_file_errors_name_the_file(tmp_path):
     typo.write_text("training:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: training.epoch"):
         load_config(typo)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("training:\n  lr: 0.001\n  epochs: 3\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: line 4: duplicate key 'lr'"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match="duplicate key 'name'"):
+        parse_config("name: a\nname: b\n", "upload.yaml")
+
+
+def test_shipped_configs_have_no_repeated_keys():
+    """Every config the package ships loads with repeated keys refused (PyYAML would keep the last)."""
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert isinstance(read_yaml(path), dict), path
 
 
 def test_overrides_parse_like_yaml():
