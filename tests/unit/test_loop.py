@@ -122,8 +122,8 @@ def test_loader_workers_prepare_the_same_batches(tiny, tmp_path):
 
 
 def test_cosine_schedule_sets_hs_lr_per_step_and_a_resume_continues_the_curve(tiny, tmp_path):
-    """The loop steps H at the schedule's learning rate (recorded per epoch), the latents keep theirs,
-    and a resumed run continues the same curve: equal to the uninterrupted run."""
+    """The loop steps H at the schedule's learning rate (recorded per epoch), and a resumed run continues
+    the same curve: equal to the uninterrupted run."""
     from hypersort_ray.model.step import scheduled_lr
 
     cases = load_datalist(tiny / "datalist.tsv")

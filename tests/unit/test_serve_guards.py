@@ -711,7 +711,7 @@ def test_forms_the_mask_could_not_carry_are_422_before_inference(patch):
     vol.geometry.check_writable()
 
 
-def test_predict_names_an_unwritable_form(tmp_path):
+def test_reading_the_geometry_refuses_an_unwritable_form(tmp_path):
     from hypersort_ray.data.nifti import NiftiGeometry
     from hypersort_ray.errors import DataError
 
