@@ -378,6 +378,17 @@ class ServeSettings(_Strict):
         32, description="Requests waiting for a busy replica (per caller); more get 503 at once."
     )
     max_body_mb: PositiveFloat = Field(256.0, description="Upload cap (proxy and replica): 413 before parsing.")
+    upload_timeout_s: PositiveFloat = Field(
+        20.0, description="Serve's proxy holds each upload until it is complete, so a replica never waits on a "
+        "slow client: an upload gets this many seconds plus 1 s per upload_min_rate_kib KiB received (408 after)."
+    )
+    upload_min_rate_kib: NonNegFloat = Field(
+        64.0, description="KiB of body that earn an upload one more second (0: upload_timeout_s is the whole time)."
+    )
+    proxy_buffer_mb: PositiveFloat = Field(
+        1024.0, description="Upload bytes one Serve proxy holds at once, all requests together (503 above); "
+        "at least max_body_mb."
+    )
     max_voxels: PositiveInt = Field(
         512**3, description="Voxels at the model's spacing, every axis padded to the ROI (413 above)."
     )
@@ -427,6 +438,15 @@ class ServeSettings(_Strict):
         1000, description="Traces waiting for the MLflow writer; more are dropped and counted, never waited for."
     )
     metrics_interval_s: PositiveFloat = Field(30.0, description="Seconds between two points of the serving run's metrics.")
+
+    @model_validator(mode="after")
+    def _buffer_holds_an_upload(self) -> ServeSettings:
+        if self.proxy_buffer_mb < self.max_body_mb:
+            raise ValueError(
+                f"proxy_buffer_mb ({self.proxy_buffer_mb:g}) is below max_body_mb ({self.max_body_mb:g}): "
+                "the proxy could never hold an upload of the largest accepted size"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------- loading

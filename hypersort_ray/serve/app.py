@@ -81,8 +81,11 @@ from hypersort_ray.serve.deadline import (
 )
 from hypersort_ray.serve.follow import AliasFollower, parse_alias_uri, resolve_alias
 from hypersort_ray.serve.middleware import (
+    PROXY_BUFFER_ENV,
     PROXY_CALLBACK,
     PROXY_MAX_BODY_ENV,
+    PROXY_UPLOAD_MIN_RATE_ENV,
+    PROXY_UPLOAD_TIMEOUT_ENV,
     GuardSettings,
     RequestGuardMiddleware,
 )
@@ -926,6 +929,9 @@ def proxy_environment(settings: ServeSettings) -> dict[str, str]:
     return {
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
         PROXY_MAX_BODY_ENV: f"{settings.max_body_mb:g}",
+        PROXY_UPLOAD_TIMEOUT_ENV: f"{settings.upload_timeout_s:g}",
+        PROXY_UPLOAD_MIN_RATE_ENV: f"{settings.upload_min_rate_kib:g}",
+        PROXY_BUFFER_ENV: f"{settings.proxy_buffer_mb:g}",
         "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         **{k: os.environ.get(k, v) for k, v in PRIVACY_ENV.items()},
     }

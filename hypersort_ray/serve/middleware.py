@@ -8,9 +8,12 @@ Two places need them:
   endpoint comes too late.
 * **Ray Serve's proxy** (:class:`ProxyGuardMiddleware`, installed through Serve's proxy callback
   ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=hypersort_ray.serve.middleware:proxy_middlewares``): the
-  proxy reads a request's whole body into its own queue while the request waits for a replica, so a cap
-  in the replica does not protect the proxy's memory. The proxy guard answers 413 on ``Content-Length``
-  before reading the body and stops a streamed body at the first byte over the cap. It also strips the
+  proxy gives a request a replica slot before its body has arrived, and reads the body into its own
+  queue, so a cap in the replica protects neither the proxy's memory nor the replica's slots. The proxy
+  guard answers 413 on ``Content-Length`` before reading the body and stops a streamed body at the first
+  byte over the cap; it reads every body completely before the proxy sees the request
+  (:class:`UploadPolicy`: an upload that is too slow gets 408, a proxy holding too many bytes of uploads
+  answers 503), so a slow client never holds a replica slot. It also strips the
   ``x-request-*`` headers with which any client could steer the proxy (``x-request-timeout-seconds: 0``
   switches the request timeout off, ``x-request-disconnect-disabled`` keeps work running after the client
   left, ``x-request-id`` picks the id written to the logs), and rewrites the proxy's own plain-text errors
@@ -25,7 +28,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Collection, Iterable
@@ -40,11 +45,15 @@ from hypersort_ray.serve.wire import error_body, new_request_id, request_id_from
 
 __all__ = [
     "PROXY_CALLBACK",
+    "PROXY_BUFFER_ENV",
     "PROXY_MAX_BODY_ENV",
+    "PROXY_UPLOAD_MIN_RATE_ENV",
+    "PROXY_UPLOAD_TIMEOUT_ENV",
     "BodySizeLimitMiddleware",
     "GuardSettings",
     "ProxyGuardMiddleware",
     "RequestGuardMiddleware",
+    "UploadPolicy",
     "proxy_middlewares",
     "relative_path",
     "send_error",
@@ -56,6 +65,10 @@ logger = logging.getLogger("ray.serve.hypersort")  # Serve's log files, in the p
 PROXY_CALLBACK = "hypersort_ray.serve.middleware:proxy_middlewares"
 #: Environment variable (on the nodes running Serve proxies) with the proxy's body cap in MiB.
 PROXY_MAX_BODY_ENV = "HYPERSORT_PROXY_MAX_BODY_MB"
+#: Environment variables with the proxy's upload rule (:class:`UploadPolicy`) and its buffer cap in MiB.
+PROXY_UPLOAD_TIMEOUT_ENV = "HYPERSORT_PROXY_UPLOAD_TIMEOUT_S"
+PROXY_UPLOAD_MIN_RATE_ENV = "HYPERSORT_PROXY_UPLOAD_MIN_RATE_KIB"
+PROXY_BUFFER_ENV = "HYPERSORT_PROXY_BUFFER_MB"
 DEFAULT_PROXY_MAX_BODY_MB = 256.0
 # Headers Ray Serve's proxy reads as instructions (timeout, disconnect policy, request id).
 _CONTROL_PREFIX = b"x-request-"
@@ -454,17 +467,66 @@ def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class UploadPolicy:
+    """How long Serve's proxy waits for an upload, and how many upload bytes it holds at once.
+
+    An upload may take ``timeout_s`` plus one second per ``min_rate_bytes_s`` bytes received (Apache's
+    ``mod_reqtimeout`` rule): a client that sends at least that rate always finishes, one that trickles
+    is cut off with 408 after ``timeout_s`` and a little more. ``buffer_bytes`` caps the bytes of all
+    bodies held by one proxy process together (503 above); None: no cap.
+    """
+
+    timeout_s: float = 20.0
+    min_rate_bytes_s: float = 64 * 1024
+    buffer_bytes: int | None = 2**30
+
+    def allowance_s(self, received: int) -> float:
+        extra = received / self.min_rate_bytes_s if self.min_rate_bytes_s > 0 else 0.0
+        return self.timeout_s + extra
+
+
+class _BufferPool:
+    """Body bytes held by one proxy process. Serve's proxy runs one event loop: no lock is needed."""
+
+    def __init__(self, capacity: int | None):
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.capacity is not None and self.used + n > self.capacity:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or []
+
+
 class ProxyGuardMiddleware:
     """The guard in front of Ray Serve's proxy (see the module docstring).
+
+    Every request's body is read completely here before the proxy sees the request, so the proxy only
+    hands complete uploads to a replica: a client that uploads slowly holds a little of the proxy's
+    memory, never one of a replica's ``max_ongoing_requests`` / ``max_queued_requests`` slots.
 
     Args:
         app: the proxy's ASGI app (Serve wraps it with its request-id middleware first).
         max_body_bytes: body cap in bytes (None: no cap).
+        upload: the upload time rule and the proxy's buffer cap (:class:`UploadPolicy`).
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None, upload: UploadPolicy | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload = upload or UploadPolicy()
+        self.pool = _BufferPool(self.upload.buffer_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -480,42 +542,87 @@ class ProxyGuardMiddleware:
         if limit is not None and declared is not None and declared > limit:
             await send_error(send, 413, _too_large_detail(limit), new_request_id(), id_header=True)
             return
-        await _ProxyExchange(self.app, scope, receive, send, limit).run()
+        chunks: list[bytes] = []
+        try:
+            try:
+                complete = await self._read_body(receive, chunks)
+            except _Refused as refused:
+                request_id = new_request_id()
+                logger.info("%s %s %s: %d %s", request_id, scope.get("method"), scope.get("path"),
+                            refused.status, refused.detail)
+                await send_error(send, refused.status, refused.detail, request_id, headers=refused.headers,
+                                 id_header=True)
+                return
+            if complete:
+                await _ProxyExchange(self.app, scope, self._replay(chunks, receive), send).run()
+        finally:
+            self.pool.give(sum(len(c) for c in chunks))
+            chunks.clear()
+
+    def _replay(self, chunks: list[bytes], receive: Receive) -> Receive:
+        """A ``receive`` that hands the buffered body to the proxy in its original pieces (each leaves the
+        buffer's count as it goes), then the client's own messages (its disconnect, when it comes)."""
+        first = True
+
+        async def replayed() -> Message:
+            nonlocal first
+            if chunks or first:
+                first = False
+                body = chunks.pop(0) if chunks else b""
+                self.pool.give(len(body))
+                return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+            return await receive()
+
+        return replayed
+
+    async def _read_body(self, receive: Receive, chunks: list[bytes]) -> bool:
+        """Read the whole body into ``chunks`` (False: the client left). Raises _Refused (408/413/503)."""
+        loop = asyncio.get_running_loop()
+        start, received, limit = loop.time(), 0, self.max_body_bytes
+        while True:
+            remaining = start + self.upload.allowance_s(received) - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                raise _Refused(408, _slow_upload_detail(self.upload, received)) from None
+            if message["type"] == "http.disconnect":
+                return False
+            chunk = message.get("body", b"")
+            if chunk:
+                if limit is not None and received + len(chunk) > limit:
+                    raise _Refused(413, _too_large_detail(limit))
+                if not self.pool.take(len(chunk)):
+                    logger.warning("proxy upload buffer full (%d of %s bytes held)", self.pool.used,
+                                   self.pool.capacity)
+                    raise _Refused(503, "the server is receiving more uploads than it can hold at once "
+                                   "(proxy_buffer_mb); retry later", [(b"retry-after", b"5")])
+                chunks.append(chunk)
+                received += len(chunk)
+            if not message.get("more_body", False):
+                return True
+
+
+def _slow_upload_detail(policy: UploadPolicy, received: int) -> str:
+    rate = f" plus 1 s per {policy.min_rate_bytes_s / 1024:g} KiB received" if policy.min_rate_bytes_s > 0 else ""
+    return (f"the upload did not arrive in time ({received} bytes in {policy.allowance_s(received):.3g} s; "
+            f"an upload gets {policy.timeout_s:g} s{rate}: upload_timeout_s, upload_min_rate_kib)")
 
 
 class _ProxyExchange:
-    """One request through the proxy: counts the streamed body, rewrites the proxy's plain-text errors."""
+    """One request through the proxy: rewrites the proxy's plain-text errors into the JSON shape."""
 
-    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int | None):
-        self.app, self.scope, self.receive, self.send, self.limit = app, scope, receive, send, limit
-        self.received = 0
-        self.answered = False  # we sent our own complete response: drop whatever the proxy sends
-        self.started = False
+    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send):
+        self.app, self.scope, self.receive, self.send = app, scope, receive, send
         self.rewriting = False
 
     async def run(self) -> None:
-        await self.app(self.scope, self._receive, self._send)
-
-    async def _receive(self) -> Message:
-        if self.answered:
-            return {"type": "http.disconnect"}
-        message = await self.receive()
-        if message["type"] == "http.request" and self.limit is not None:
-            self.received += len(message.get("body", b""))
-            if self.received > self.limit:
-                if not self.started:
-                    self.answered = True
-                    await send_error(self.send, 413, _too_large_detail(self.limit), new_request_id(), id_header=True)
-                # The proxy takes this as the client leaving: it cancels the request and frees the body.
-                return {"type": "http.disconnect"}
-        return message
+        await self.app(self.scope, self.receive, self._send)
 
     async def _send(self, message: Message) -> None:
-        if self.answered:
-            return
         kind = message["type"]
         if kind == "http.response.start":
-            self.started = True
             status = int(message.get("status", 200))
             headers = list(message.get("headers", []))
             if status >= 400 and not _is_json(headers):
@@ -530,20 +637,35 @@ class _ProxyExchange:
         await self.send(message)
 
 
-def proxy_middlewares() -> list[Any]:
-    """Serve's proxy callback: ``[ProxyGuardMiddleware]`` with the cap from ``HYPERSORT_PROXY_MAX_BODY_MB``.
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        logger.warning("%s=%r is not a number >= 0; using %g", name, text, default)
+        return default
+    return value
 
-    Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` to :data:`PROXY_CALLBACK` in the environment of the
-    processes that start Serve's proxies (``hypersort serve`` does it for the Ray it starts; on a cluster,
-    the nodes' environment).
+
+def proxy_middlewares() -> list[Any]:
+    """Serve's proxy callback: ``[ProxyGuardMiddleware]`` set from the environment.
+
+    ``HYPERSORT_PROXY_MAX_BODY_MB`` (the body cap, 0: none), ``HYPERSORT_PROXY_UPLOAD_TIMEOUT_S`` and
+    ``HYPERSORT_PROXY_UPLOAD_MIN_RATE_KIB`` (:class:`UploadPolicy`), ``HYPERSORT_PROXY_BUFFER_MB`` (0: no
+    cap). Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` to :data:`PROXY_CALLBACK` in the environment of
+    the processes that start Serve's proxies (``hypersort serve`` does it for the Ray it starts; on a
+    cluster, the nodes' environment).
     """
     from starlette.middleware import Middleware
 
-    text = os.environ.get(PROXY_MAX_BODY_ENV, "").strip()
-    try:
-        mb = float(text) if text else DEFAULT_PROXY_MAX_BODY_MB
-    except ValueError:
-        logger.warning("%s=%r is not a number; using %s MiB", PROXY_MAX_BODY_ENV, text, DEFAULT_PROXY_MAX_BODY_MB)
-        mb = DEFAULT_PROXY_MAX_BODY_MB
+    mb = _env_number(PROXY_MAX_BODY_ENV, DEFAULT_PROXY_MAX_BODY_MB)
+    default = UploadPolicy()
+    timeout = _env_number(PROXY_UPLOAD_TIMEOUT_ENV, default.timeout_s) or default.timeout_s
+    rate_kib = _env_number(PROXY_UPLOAD_MIN_RATE_ENV, default.min_rate_bytes_s / 1024)
+    buffer_mb = _env_number(PROXY_BUFFER_ENV, (default.buffer_bytes or 0) / 2**20)
+    upload = UploadPolicy(timeout_s=timeout, min_rate_bytes_s=rate_kib * 1024,
+                          buffer_bytes=int(buffer_mb * 2**20) if buffer_mb > 0 else None)
     limit = int(mb * 2**20) if mb > 0 else None
-    return [Middleware(ProxyGuardMiddleware, max_body_bytes=limit)]
+    return [Middleware(ProxyGuardMiddleware, max_body_bytes=limit, upload=upload)]

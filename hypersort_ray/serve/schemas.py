@@ -10,6 +10,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hypersort_ray.config import ServeSettings
+from hypersort_ray.serve.middleware import (
+    PROXY_BUFFER_ENV,
+    PROXY_UPLOAD_MIN_RATE_ENV,
+    PROXY_UPLOAD_TIMEOUT_ENV,
+)
 
 __all__ = [
     "BuildArgs",
@@ -106,11 +111,21 @@ class StylesSummary(BaseModel):
     results: list[SegmentSummary]
 
 
+#: Settings only Serve's proxy uses, and the environment variable it reads each from.
+PROXY_ONLY_FIELDS = {
+    "upload_timeout_s": PROXY_UPLOAD_TIMEOUT_ENV,
+    "upload_min_rate_kib": PROXY_UPLOAD_MIN_RATE_ENV,
+    "proxy_buffer_mb": PROXY_BUFFER_ENV,
+}
+
+
 class BuildArgs(ServeSettings):
     """``args:`` of an application in a Serve config file (``import_path: hypersort_ray.serve.app:build_app``).
 
-    The fields of :class:`~hypersort_ray.config.ServeSettings` except ``host`` and ``port``, which a
-    config file sets once for the whole cluster under ``http_options``. ``model`` is required.
+    The fields of :class:`~hypersort_ray.config.ServeSettings` except ``host``, ``port`` and
+    ``request_timeout_s``, which a config file sets once for the whole cluster under ``http_options``, and
+    the upload settings of Serve's proxy (:data:`PROXY_ONLY_FIELDS`), which the nodes' environment sets.
+    ``model`` is required.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -125,5 +140,11 @@ class BuildArgs(ServeSettings):
             if misplaced:
                 raise ValueError(
                     f"{', '.join(misplaced)}: set these under http_options in the Serve config file, not in args"
+                )
+            proxy_only = [f"{k} (${env})" for k, env in PROXY_ONLY_FIELDS.items() if k in data]
+            if proxy_only:
+                raise ValueError(
+                    f"{', '.join(proxy_only)}: Serve's proxy reads these from the environment of the nodes "
+                    "(the variable named), not from args"
                 )
         return data

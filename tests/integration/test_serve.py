@@ -527,6 +527,12 @@ def test_rayservice_manifest_embeds_the_same_app():
     from hypersort_ray.serve.schemas import BuildArgs
 
     BuildArgs.model_validate(application["args"])
+    from hypersort_ray.config import ServeSettings
+    from hypersort_ray.serve.app import proxy_environment
+
+    pod_env = {e["name"]: e.get("value") for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+               ["spec"]["containers"][0]["env"]}
+    assert set(proxy_environment(ServeSettings())) <= set(pod_env)  # every proxy setting reaches the pods
 
 
 def test_deployment_options_from_settings(run_dir):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import socket
 import struct
@@ -41,6 +42,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BODY_MB = 24
 MAX_VOXELS = 130**3
 MEMORY_MB = 160
+UPLOAD_TIMEOUT_S = 3.0
 SHAPE = (24, 20, 22)
 TWO_MM = np.diag([2.0, 2.0, 2.0, 1.0])
 ERROR_KEYS = {"status", "error", "detail", "request_id"}
@@ -84,6 +86,7 @@ def _settings(run_dir: Path, **overrides):
         "max_inference_memory_mb": MEMORY_MB,
         "max_styles_per_request": 2,
         "request_timeout_s": 30,
+        "upload_timeout_s": UPLOAD_TIMEOUT_S,
         "auth_token_env": TOKEN_ENV,
     }
     return ServeSettings(**{**values, **overrides})
@@ -482,6 +485,23 @@ def test_oversized_body_is_refused(server):
     assert set(reply) == ERROR_KEYS and "max_body_mb" in reply["detail"]
 
 
+def _answer(sock: socket.socket, deadline: float = math.inf) -> tuple[int, bytes]:
+    """Read one HTTP answer (status, body) until it is complete, the server closes, or the deadline."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.find(b"\r\n\r\n") + 4 + _length(data):
+        if time.monotonic() > deadline:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else -1
+    return status, data.split(b"\r\n\r\n", 1)[-1]
+
+
 def _raw_exchange(port: int, head: bytes, body: bytes = b"", wait_s: float = 5.0) -> tuple[int, bytes]:
     """Send a hand-made request (the body may be far shorter than declared) and read the answer.
 
@@ -499,20 +519,7 @@ def _raw_exchange(port: int, head: bytes, body: bytes = b"", wait_s: float = 5.0
             except (ConnectionResetError, BrokenPipeError):
                 break
             view = view[sent:]
-        data = b""
-        deadline = time.monotonic() + wait_s
-        while b"\r\n\r\n" not in data or len(data) < data.find(b"\r\n\r\n") + 4 + _length(data):
-            if time.monotonic() > deadline:
-                break
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            data += chunk
-    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else -1
-    return status, data.split(b"\r\n\r\n", 1)[-1]
+        return _answer(sock, deadline=time.monotonic() + wait_s)
 
 
 def _length(data: bytes) -> int:
@@ -733,6 +740,36 @@ def test_busy_replica_limits_and_cancellation(held, server, model, tmp_path):
         calls = _cache_calls(c, held) - calls_before
     assert calls <= 2, f"{calls} networks ran: the abandoned request's second style should never start"
     np.testing.assert_array_equal(_mask(queued_response.content), _expected(model, small, tmp_path, style="main"))
+
+
+def test_slow_uploads_wait_at_the_proxy_not_in_a_replica_slot(held, server, model, tmp_path):
+    """Four uploads that stall after their first bytes (more than the held app's one request slot and one
+    queue slot): a complete request still gets its mask and /healthz answers, because the proxy hands a
+    replica only complete bodies; the stalled uploads get 408 after upload_timeout_s."""
+    _, port = server
+    socks = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=UPLOAD_TIMEOUT_S + 15)
+            sock.sendall(_head("/held/v1/segment", port, "Content-Length: 100000\r\n") + b"--xyz\r\n")
+            socks.append(sock)
+        t_stalled = time.perf_counter()
+        time.sleep(0.5)
+        small = _nifti(_image(seed=7))
+        with httpx.Client(timeout=20.0) as c:
+            r = _post(c, small, route=f"{held}/v1/segment", data={"style": "main"}, timeout=20.0)
+            assert r.status_code == 200, r.text
+            assert c.get(f"{held}/healthz").status_code == 200
+        np.testing.assert_array_equal(_mask(r.content), _expected(model, small, tmp_path, style="main"))
+        for sock in socks:
+            status, body = _answer(sock)
+            assert status == 408, body[:300]
+            reply = json.loads(body)
+            assert set(reply) == ERROR_KEYS and "upload_timeout_s" in reply["detail"]
+        assert time.perf_counter() - t_stalled >= UPLOAD_TIMEOUT_S
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # -------------------------------------------------------------------------------- fail closed

@@ -437,6 +437,147 @@ def test_proxy_guard_rewrites_plain_text_errors_into_the_error_shape():
     assert asyncio.run(_drive(own, path="/-/healthz", chunks=(b"",)))[1][1]["body"] == b"unhealthy"
 
 
+def _timed_receive(events):
+    """A client: each event is (delay_s, message); after the last one it stalls."""
+    pending = list(events)
+
+    async def receive():
+        if pending:
+            delay, message = pending.pop(0)
+            await asyncio.sleep(delay)
+            return message
+        await asyncio.sleep(3600)
+
+    return receive
+
+
+def _body(chunk: bytes, more: bool = True) -> dict:
+    return {"type": "http.request", "body": chunk, "more_body": more}
+
+
+async def _call(app, receive, path="/v1/segment"):
+    sent: list = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent
+
+
+def test_proxy_guard_hands_the_proxy_only_complete_bodies_in_their_pieces():
+    """A slow upload is read by the guard: the proxy (and so a replica slot) sees it only when complete."""
+    from hypersort_ray.serve.middleware import ProxyGuardMiddleware, UploadPolicy
+
+    got: list = []
+    delivered = {"n": 0}
+    chunks = [b"a" * 100, b"b" * 50, b"c"]
+
+    async def proxy(scope, receive, send):
+        got.append(("called after", delivered["n"]))
+        while True:
+            message = await receive()
+            got.append((message["body"], message["more_body"]))
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    inner = _timed_receive([(0.05, _body(c, i < len(chunks) - 1)) for i, c in enumerate(chunks)])
+
+    async def counting():
+        message = await inner()
+        delivered["n"] += 1
+        return message
+
+    guard = ProxyGuardMiddleware(proxy, max_body_bytes=1000, upload=UploadPolicy(timeout_s=5))
+    sent = asyncio.run(_call(guard, counting))
+    assert got[0] == ("called after", 3)
+    assert got[1:] == [(b"a" * 100, True), (b"b" * 50, True), (b"c", False)]
+    assert sent[0]["status"] == 200 and guard.pool.used == 0
+
+
+def test_proxy_guard_times_out_a_trickling_upload_and_lets_a_steady_one_finish():
+    from hypersort_ray.serve.middleware import ProxyGuardMiddleware, UploadPolicy
+
+    seen: list = []
+    policy = UploadPolicy(timeout_s=0.3, min_rate_bytes_s=1000)
+    guard = ProxyGuardMiddleware(_recording_app(seen), max_body_bytes=10_000, upload=policy)
+    # 10 bytes, then nothing: cut off after 0.3 s + 10 / 1000 s
+    t0 = time.perf_counter()
+    sent = asyncio.run(_call(guard, _timed_receive([(0.0, _body(b"x" * 10))])))
+    assert 0.25 < time.perf_counter() - t0 < 2.0
+    assert not seen and sent[0]["status"] == 408
+    detail = json.loads(sent[1]["body"])["detail"]
+    assert "upload_timeout_s" in detail and "10 bytes" in detail
+    # 1000 bytes every 0.2 s for 1 s: longer than 0.3 s, but each KB earns a second
+    steady = [(0.2, _body(b"y" * 1000, i < 4)) for i in range(5)]
+    sent = asyncio.run(_call(guard, _timed_receive(steady)))
+    assert sent[0]["status"] == 200 and len(seen) == 1
+    assert guard.pool.used == 0
+
+
+def test_proxy_guard_caps_the_bytes_it_holds_and_gives_them_back():
+    """Two uploads that together exceed the buffer: the second gets 503 (Retry-After); nothing stays held
+    after a refusal, a timeout, a client that left, or a completed request."""
+    from hypersort_ray.serve.middleware import ProxyGuardMiddleware, UploadPolicy
+
+    seen: list = []
+    guard = ProxyGuardMiddleware(_recording_app(seen), max_body_bytes=1000,
+                                 upload=UploadPolicy(timeout_s=0.5, min_rate_bytes_s=0, buffer_bytes=1500))
+
+    async def both():
+        first = asyncio.create_task(_call(guard, _timed_receive([(0.0, _body(b"a" * 900))])))  # then stalls
+        await asyncio.sleep(0.1)
+        used_while_held = guard.pool.used
+        second = await _call(guard, _timed_receive([(0.0, _body(b"b" * 700, False))]))
+        return used_while_held, second, await first
+
+    used_while_held, second, first = asyncio.run(both())
+    assert used_while_held == 900
+    assert second[0]["status"] == 503 and (b"retry-after", b"5") in second[0]["headers"]
+    assert "proxy_buffer_mb" in json.loads(second[1]["body"])["detail"]
+    assert first[0]["status"] == 408 and guard.pool.used == 0 and not seen
+    left = [(0.0, _body(b"c" * 500)), (0.0, {"type": "http.disconnect"})]
+    assert asyncio.run(_call(guard, _timed_receive(left))) == [] and guard.pool.used == 0
+    over = [(0.0, _body(b"d" * 600)), (0.0, _body(b"d" * 600, False))]
+    assert asyncio.run(_call(guard, _timed_receive(over)))[0]["status"] == 413 and guard.pool.used == 0
+    ok = asyncio.run(_call(guard, _timed_receive([(0.0, _body(b"e" * 800, False))])))
+    assert ok[0]["status"] == 200 and guard.pool.used == 0 and len(seen) == 1
+
+
+def test_proxy_callback_reads_the_upload_rule(monkeypatch):
+    from hypersort_ray.serve.middleware import (
+        PROXY_BUFFER_ENV,
+        PROXY_UPLOAD_MIN_RATE_ENV,
+        PROXY_UPLOAD_TIMEOUT_ENV,
+        UploadPolicy,
+        proxy_middlewares,
+    )
+
+    monkeypatch.setenv(PROXY_UPLOAD_TIMEOUT_ENV, "7.5")
+    monkeypatch.setenv(PROXY_UPLOAD_MIN_RATE_ENV, "0")
+    monkeypatch.setenv(PROXY_BUFFER_ENV, "2")
+    (middleware,) = proxy_middlewares()
+    assert middleware.kwargs["upload"] == UploadPolicy(timeout_s=7.5, min_rate_bytes_s=0, buffer_bytes=2 * 2**20)
+    monkeypatch.setenv(PROXY_UPLOAD_TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(PROXY_BUFFER_ENV, "-1")
+    (middleware,) = proxy_middlewares()
+    assert middleware.kwargs["upload"] == UploadPolicy(min_rate_bytes_s=0)  # bad values: the defaults
+
+
+def test_serve_settings_pass_the_upload_rule_to_the_proxy_and_check_the_buffer():
+    from hypersort_ray.config import ServeSettings
+    from hypersort_ray.serve.app import proxy_environment
+
+    env = proxy_environment(ServeSettings(upload_timeout_s=12, upload_min_rate_kib=8, proxy_buffer_mb=512))
+    assert env["HYPERSORT_PROXY_UPLOAD_TIMEOUT_S"] == "12" and env["HYPERSORT_PROXY_UPLOAD_MIN_RATE_KIB"] == "8"
+    assert env["HYPERSORT_PROXY_BUFFER_MB"] == "512"
+    with pytest.raises(ValueError, match="proxy_buffer_mb .* max_body_mb"):
+        ServeSettings(max_body_mb=300, proxy_buffer_mb=200)
+
+
 def test_proxy_callback_reads_its_cap(monkeypatch):
     from hypersort_ray.serve.middleware import PROXY_MAX_BODY_ENV, ProxyGuardMiddleware, proxy_middlewares
 

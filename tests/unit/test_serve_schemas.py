@@ -265,6 +265,8 @@ def test_build_args():
         BuildArgs.model_validate({"num_replicas": 1})  # model missing
     with pytest.raises(ValidationError):
         BuildArgs.model_validate({"model": "runs/x", "replicas": 2})  # typo: unknown key
+    with pytest.raises(ValidationError, match=r"upload_timeout_s \(\$HYPERSORT_PROXY_UPLOAD_TIMEOUT_S\)"):
+        BuildArgs.model_validate({"model": "runs/x", "upload_timeout_s": 5})  # the proxy reads its environment
 
 
 # ------------------------------------------------------------------------------------ middleware
