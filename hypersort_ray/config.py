@@ -102,13 +102,14 @@ class LabelConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Light augmentation; it also fights memorisation of wrong labels (see docs/method.md)."""
+    """Light training augmentation (MONAI random transforms). Off by default: on the detection matrix it
+    slowed fitting and did not improve the suspicion ranking (docs/benchmarks.md)."""
 
-    enabled: bool = False
-    flip_prob: Probability = 0.0
-    intensity_shift: NonNegFloat = 0.0
-    intensity_scale: NonNegFloat = 0.0
-    noise_std: NonNegFloat = 0.0
+    enabled: bool = Field(False, description="Apply the random transforms below to training samples.")
+    flip_prob: Probability = Field(0.0, description="Per-axis flip probability (image and label together).")
+    intensity_shift: NonNegFloat = Field(0.0, description="Random intensity offset in ±this (normalised units).")
+    intensity_scale: NonNegFloat = Field(0.0, description="Random intensity scaling by 1 ± this.")
+    noise_std: NonNegFloat = Field(0.0, description="Gaussian noise standard deviation (normalised units).")
 
 
 class PreprocessConfig(_Strict):
