@@ -40,6 +40,7 @@ from typing import Any
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypersort_ray.config import ServeSettings
 from hypersort_ray.serve.validation import bearer_token_ok
 from hypersort_ray.serve.wire import error_body, new_request_id, request_id_from_headers
 
@@ -69,7 +70,9 @@ PROXY_MAX_BODY_ENV = "HYPERSORT_PROXY_MAX_BODY_MB"
 PROXY_UPLOAD_TIMEOUT_ENV = "HYPERSORT_PROXY_UPLOAD_TIMEOUT_S"
 PROXY_UPLOAD_MIN_RATE_ENV = "HYPERSORT_PROXY_UPLOAD_MIN_RATE_KIB"
 PROXY_BUFFER_ENV = "HYPERSORT_PROXY_BUFFER_MB"
-DEFAULT_PROXY_MAX_BODY_MB = 256.0
+# The proxy's fallbacks when its environment lacks a setting: ServeSettings' defaults, one source.
+_SERVE_DEFAULTS = {name: info.default for name, info in ServeSettings.model_fields.items()}
+DEFAULT_PROXY_MAX_BODY_MB = float(_SERVE_DEFAULTS["max_body_mb"])
 # Headers Ray Serve's proxy reads as instructions (timeout, disconnect policy, request id).
 _CONTROL_PREFIX = b"x-request-"
 _EXPOSED = "X-Style, X-Styles, X-Latent, X-Foreground-Voxels, X-Model-Version, X-Inference-Ms, X-Request-ID"
@@ -477,9 +480,9 @@ class UploadPolicy:
     bodies held by one proxy process together (503 above); None: no cap.
     """
 
-    timeout_s: float = 20.0
-    min_rate_bytes_s: float = 64 * 1024
-    buffer_bytes: int | None = 2**30
+    timeout_s: float = float(_SERVE_DEFAULTS["upload_timeout_s"])
+    min_rate_bytes_s: float = float(_SERVE_DEFAULTS["upload_min_rate_kib"]) * 1024
+    buffer_bytes: int | None = int(_SERVE_DEFAULTS["proxy_buffer_mb"] * 2**20)
 
     def allowance_s(self, received: int) -> float:
         extra = received / self.min_rate_bytes_s if self.min_rate_bytes_s > 0 else 0.0

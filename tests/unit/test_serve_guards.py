@@ -578,6 +578,23 @@ def test_serve_settings_pass_the_upload_rule_to_the_proxy_and_check_the_buffer()
         ServeSettings(max_body_mb=300, proxy_buffer_mb=200)
 
 
+def test_proxy_without_environment_applies_the_serve_settings_defaults(monkeypatch):
+    """A proxy whose node lacks the variables behaves as ``hypersort serve`` with default settings."""
+    from hypersort_ray.config import ServeSettings
+    from hypersort_ray.serve import middleware as mw
+    from hypersort_ray.serve.app import proxy_environment
+
+    passed = proxy_environment(ServeSettings())
+    for name in passed:
+        monkeypatch.delenv(name, raising=False)
+    (bare,) = mw.proxy_middlewares()
+    for name, value in passed.items():
+        monkeypatch.setenv(name, value)
+    (configured,) = mw.proxy_middlewares()
+    assert bare.kwargs == configured.kwargs
+    assert bare.kwargs["upload"] == mw.UploadPolicy()
+
+
 def test_proxy_callback_reads_its_cap(monkeypatch):
     from hypersort_ray.serve.middleware import PROXY_MAX_BODY_ENV, ProxyGuardMiddleware, proxy_middlewares
 
