@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,7 +546,7 @@ class ProxyGuardMiddleware:
         if limit is not None and declared is not None and declared > limit:
             await send_error(send, 413, _too_large_detail(limit), new_request_id(), id_header=True)
             return
-        chunks: list[bytes] = []
+        chunks: deque[bytes] = deque()
         try:
             try:
                 complete = await self._read_body(receive, chunks)
@@ -562,7 +563,7 @@ class ProxyGuardMiddleware:
             self.pool.give(sum(len(c) for c in chunks))
             chunks.clear()
 
-    def _replay(self, chunks: list[bytes], receive: Receive) -> Receive:
+    def _replay(self, chunks: deque[bytes], receive: Receive) -> Receive:
         """A ``receive`` that hands the buffered body to the proxy in its original pieces (each leaves the
         buffer's count as it goes), then the client's own messages (its disconnect, when it comes)."""
         first = True
@@ -571,14 +572,14 @@ class ProxyGuardMiddleware:
             nonlocal first
             if chunks or first:
                 first = False
-                body = chunks.pop(0) if chunks else b""
+                body = chunks.popleft() if chunks else b""
                 self.pool.give(len(body))
                 return {"type": "http.request", "body": body, "more_body": bool(chunks)}
             return await receive()
 
         return replayed
 
-    async def _read_body(self, receive: Receive, chunks: list[bytes]) -> bool:
+    async def _read_body(self, receive: Receive, chunks: deque[bytes]) -> bool:
         """Read the whole body into ``chunks`` (False: the client left). Raises _Refused (408/413/503)."""
         loop = asyncio.get_running_loop()
         start, received, limit = loop.time(), 0, self.max_body_bytes
