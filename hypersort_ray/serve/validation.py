@@ -65,7 +65,6 @@ __all__ = [
     "UploadLimits",
     "bearer_token_ok",
     "check_latent_radius",
-    "check_resampled_size",
     "check_upload",
     "check_volume_shape",
     "decode_nifti",
@@ -525,30 +524,6 @@ def plan_inference(
 
 def _mm(zooms: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(f"{float(z):.4g}") for z in zooms)
-
-
-def check_resampled_size(
-    shape: Sequence[int], affine: np.ndarray, target_spacing: Sequence[float] | None, max_voxels: int
-) -> int:
-    """Voxels of the volume once resampled to the model's spacing (no padding); 413 above ``max_voxels``.
-
-    The header's voxel count is not enough: a small volume with a large voxel size (say 100³ at 20 mm)
-    becomes 1000³ at 2 mm. :func:`plan_inference` adds the padding to the ROI and the memory estimate.
-    """
-    dims = len(shape)
-    if target_spacing is None:
-        return math.prod(int(s) for s in shape)
-    zooms = np.sqrt((_linear_part(affine, dims) ** 2).sum(axis=0))
-    edges = _model_grid(shape, affine, orientation=None, spacing=target_spacing)
-    total = math.prod(edges)
-    if total > max_voxels:
-        raise RequestError(
-            413,
-            f"volume {tuple(int(s) for s in shape)} with voxel size {_mm(zooms)} mm "
-            f"becomes {tuple(edges)} = {total} voxels at the model's spacing {list(target_spacing)} mm; "
-            f"this server accepts at most {max_voxels}",
-        )
-    return total
 
 
 @dataclass(frozen=True)

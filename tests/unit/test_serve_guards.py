@@ -24,7 +24,6 @@ from hypersort_ray.serve.validation import (
     RequestError,
     UploadLimits,
     check_latent_radius,
-    check_resampled_size,
     check_upload,
     decode_nifti,
     estimate_inference_bytes,
@@ -54,7 +53,7 @@ def plan(shape, affine=TWO_MM, **kwargs):
 # ------------------------------------------------------------------------- padding amplification
 def test_needle_is_refused_from_its_padded_size():
     # 2 x 2 x 200 000 passes an unpadded voxel count (800 000) but MONAI pads to 16 x 16 x 200 000.
-    assert check_resampled_size((2, 2, 200_000), TWO_MM, [2.0, 2.0, 2.0], 10**6) == 800_000
+    assert plan((2, 2, 200_000), max_voxels=10**8).resampled == (2, 2, 200_000)  # unpadded: 800 000 < 10**6
     err = expect(413, plan, (2, 2, 200_000), max_voxels=10**6, match="padded")
     assert "(16, 16, 200000)" in err.detail and "max_voxels" in err.detail
 

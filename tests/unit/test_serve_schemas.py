@@ -412,15 +412,19 @@ def test_encode_mask_keeps_geometry():
 
 
 def test_resampled_size_guard():
-    from hypersort_ray.serve.validation import check_resampled_size
+    from hypersort_ray.serve.validation import plan_inference
+
+    def plan(shape, affine, spacing, max_voxels):
+        return plan_inference(shape, affine, spacing=spacing, roi_size=(16, 16, 16), max_voxels=max_voxels)
 
     two_mm = np.diag([2.0, 2.0, 2.0, 1.0])
-    assert check_resampled_size((64, 64, 64), two_mm, [2.0, 2.0, 2.0], 64**3) == 64**3
-    assert check_resampled_size((64, 64, 64), np.diag([1.0, 1.0, 1.0, 1.0]), [2.0, 2.0, 2.0], 64**3) == 32**3
-    assert check_resampled_size((10, 10, 10), np.diag([20.0] * 3 + [1.0]), None, 1000) == 1000
-    # 100³ at 20 mm would become 1000³ at 2 mm: refused before preprocessing allocates it
-    expect(413, check_resampled_size, (100, 100, 100), np.diag([20.0] * 3 + [1.0]), [2.0] * 3, 256**3,
-           match="at the model's spacing")
+    assert plan((64, 64, 64), two_mm, [2.0, 2.0, 2.0], 64**3).resampled == (64, 64, 64)
+    assert plan((64, 64, 64), np.diag([1.0, 1.0, 1.0, 1.0]), [2.0, 2.0, 2.0], 64**3).resampled == (32, 32, 32)
+    assert plan((10, 10, 10), np.diag([20.0] * 3 + [1.0]), None, 16**3).resampled == (10, 10, 10)
+    # 100³ at 20 mm would become about 1000³ at 2 mm: refused before preprocessing allocates it
+    err = expect(413, plan, (100, 100, 100), np.diag([20.0] * 3 + [1.0]), [2.0] * 3, 256**3,
+                 match="at the model's spacing")
+    assert "(991, 991, 991)" in err.detail  # MONAI's grid: the centres of the first and last voxel kept
 
 
 def _guarded(token, limit=100):
